@@ -1,0 +1,22 @@
+"""accelerate_dfkd: data-free knowledge distillation on HuggingFace Accelerate.
+
+A method is a Synthesizer (write side: one synthesis round), a SyntheticSource (read side: a torch
+IterableDataset of batches) and a loss hook; the Distiller runs them in one Accelerate loop.
+"""
+
+from .callbacks import Callback, TrainerState
+from .config import ConfigError, DistillConfig, MethodConfig, load_recipe
+from .distiller import Distiller
+from .methods import METHODS
+from .models import GENERATORS, MODELS, build_generator, build_model
+from .synthesis import (DataLoaderSource, GeneratorSource, MixedSource, ReplayBuffer, ReplaySource,
+                        SynthesisContext, SynthesisOutput, Synthesizer, SyntheticBatch, SyntheticSource)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Callback", "TrainerState", "ConfigError", "DistillConfig", "MethodConfig", "load_recipe", "Distiller",
+    "METHODS", "MODELS", "GENERATORS", "build_model", "build_generator", "DataLoaderSource", "GeneratorSource",
+    "MixedSource", "ReplayBuffer", "ReplaySource", "SynthesisContext", "SynthesisOutput", "Synthesizer",
+    "SyntheticBatch", "SyntheticSource",
+]

@@ -1,0 +1,7 @@
+"""`python -m accelerate_dfkd` and `accelerate launch -m accelerate_dfkd`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,330 @@
+"""The Distiller: one Accelerate loop, readable top to bottom.
+
+    for each student optimizer step:
+        every `student_steps_per_round` steps: synthesizer.synthesize(student)   # trains G / z / x
+        batch <- source (this rank's own synthetic samples)
+        student step on the method's loss hook (gradient accumulation, mixed precision, DDP)
+        log / evaluate on real held-out data / checkpoint
+
+Every optimizer step of the run is visible here or inside `synthesize()`; reading the source never
+trains anything. Each rank synthesizes its own samples from its own random stream (seed + rank);
+generator gradients are averaged across ranks so generators stay identical, and the student is
+DDP-wrapped by Accelerate. Facts about this stack that shaped the code are cited as
+"environment.md" (../shared/reference/environment.md) and "DESIGN.md fact N".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from . import checkpointing
+from .callbacks import (BestStudentCallback, Callback, CallbackHandler, ImageGridCallback, ProgressCallback,
+                        TimingCallback, TrainerState)
+from .config import ConfigError, DistillConfig, MethodConfig, flat_dict
+from .evaluation import LabeledImages, evaluate_top1
+from .hooks import BatchNormStatistics
+from .methods import METHODS
+from .teachers import check_classifier_output
+from .synthesis import SynthesisContext, Synthesizer, SyntheticBatch, SyntheticSource
+from .utils import logits_of
+
+logger = get_logger(__name__)
+
+
+def make_accelerator(config: DistillConfig) -> Accelerator:
+    """An Accelerator that is really distributed on a GPU-less machine too.
+
+    Without `cpu=True`, ranks started by torchrun or `accelerate launch --multi_gpu` on a machine
+    without CUDA silently run alone, each believing it is rank 0 (environment.md section 2).
+    """
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu and config.mixed_precision == "fp16":
+        warnings.warn("mixed_precision=fp16 has no effect on CPU (Accelerate silently runs fp32 there); "
+                      "use a GPU, or bf16 (which runs on CPU but is 10-20x slower without AVX512-BF16/AMX)")
+    elif on_cpu and config.mixed_precision == "bf16":
+        warnings.warn("mixed_precision=bf16 on CPU runs, but 10-20x slower than fp32 on CPUs without native bf16")
+    log_with = None if config.report_to == "none" else config.report_to
+    return Accelerator(cpu=on_cpu, mixed_precision=config.mixed_precision,
+                       gradient_accumulation_steps=config.gradient_accumulation_steps,
+                       log_with=log_with, project_dir=config.output_dir)
+
+
+def lr_multiplier(config: DistillConfig, step: int) -> float:
+    """The student's LR schedule as a multiplier of `learning_rate` at optimizer step `step`.
+    The generator follows the same multiplier where its method says so (DFAD decays both)."""
+    if config.lr_scheduler == "multistep":
+        return config.lr_gamma ** sum(step >= m for m in config.lr_milestones)
+    if config.lr_scheduler == "cosine":
+        floor = config.lr_min / config.learning_rate
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, config.max_steps) / config.max_steps))
+    return 1.0
+
+
+class Distiller:
+    """Distils `teacher` into `student` with a method's synthetic data, under Accelerate.
+
+    `teacher` and `student` are any nn.Modules returning logits (or an object with `.logits`);
+    `eval_data` is the real held-out set (None: no evaluation). `train()` returns the results dict
+    that is also written to OUTPUT_DIR/results.json.
+    """
+
+    def __init__(self, config: DistillConfig, method_config: MethodConfig, *, teacher: nn.Module,
+                 student: nn.Module, eval_data: Optional[LabeledImages] = None,
+                 callbacks: Sequence[Callback] = (), accelerator: Optional[Accelerator] = None) -> None:
+        self.config, self.method_config = config, method_config
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = accelerator or make_accelerator(config)
+        self.eval_data = eval_data
+        self.synthesizer_class = METHODS[config.method]
+        if not isinstance(method_config, self.synthesizer_class.config_class):
+            raise ConfigError(f"method {config.method!r} needs a {self.synthesizer_class.config_class.__name__}, "
+                              f"got {type(method_config).__name__}")
+        image_shape = (config.in_channels, config.image_size, config.image_size)
+        check_classifier_output(teacher, "teacher", image_shape, config.num_classes, task=config.task)
+        check_classifier_output(student, "student", image_shape, config.num_classes, task=config.task)
+        if self.synthesizer_class.needs_batchnorm_teacher:
+            BatchNormStatistics(teacher).remove()  # raises a clear error for a teacher without BatchNorm
+
+        acc = self.accelerator
+        # Frozen and never wrapped: no DDP, no optimizer, not part of save_state (DESIGN.md fact 4).
+        self.teacher = teacher.eval().requires_grad_(False).to(acc.device)
+        # Same seed on every rank: identical generator initialisation (its gradients are averaged).
+        torch.manual_seed(config.seed)
+        self.synthesizer: Synthesizer = self.synthesizer_class(
+            method_config, self.teacher, image_shape=image_shape,
+            num_classes=config.num_classes, context=SynthesisContext.from_accelerator(acc, config.seed),
+            task=config.task)
+        self.source: SyntheticSource = self.synthesizer.build_source(config.per_device_train_batch_size)
+
+        optimizer = torch.optim.SGD(student.parameters(), lr=config.learning_rate, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+        # Not prepared: a prepared scheduler steps once per process per call; ours steps once per
+        # optimizer step. Registered so that save_state/load_state carry it.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(config, step))
+        self.student, self.optimizer = acc.prepare(student, optimizer)
+        acc.register_for_checkpointing(self.scheduler)
+
+        self.state = TrainerState(max_steps=config.max_steps, output_dir=self.output_dir,
+                                  is_main_process=acc.is_main_process, device=acc.device)
+        builtins: list[Callback] = [TimingCallback(), BestStudentCallback()]
+        if config.progress_bar:
+            builtins.append(ProgressCallback(every=config.logging_steps or 10))
+        if config.image_grid_rounds:
+            builtins.append(ImageGridCallback(config.image_grid_rounds, upscale=max(1, 64 // config.image_size)))
+        self.callbacks = CallbackHandler([*builtins, *callbacks])
+        self._last_synthesis_losses: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        cfg, acc, state = self.config, self.accelerator, self.state
+        resume = self._prepare_output_dir()
+        if self.eval_data is not None:
+            state.teacher_top1 = self._top1(self.teacher)
+        if resume is not None:
+            self._load(resume)
+        if cfg.report_to != "none":
+            acc.init_trackers("accelerate_dfkd", config=flat_dict(cfg, self.method_config))
+        self.callbacks.on_train_start(state)
+
+        batches = iter(self.source)
+        while state.global_step < cfg.max_steps:
+            if state.global_step % self.method_config.student_steps_per_round == 0:
+                self._synthesis_round()
+            losses = self._student_step(batches)
+            state.global_step += 1
+            self.callbacks.on_step_end(state, losses)
+            self._maybe_log(losses)
+            if cfg.eval_steps and state.global_step % cfg.eval_steps == 0 and state.global_step < cfg.max_steps:
+                self._evaluate()
+            if cfg.save_steps and state.global_step % cfg.save_steps == 0 and state.global_step < cfg.max_steps:
+                self._save()
+
+        final_top1 = self._evaluate() if self.eval_data is not None else None
+        self._save()
+        results = self._results(final_top1)
+        self._write_outputs(results)
+        self.callbacks.on_train_end(state, results)
+        acc.end_training()
+        return results
+
+    # --- the two kinds of step -----------------------------------------------------------------
+    def _synthesis_round(self) -> None:
+        self.callbacks.on_synthesis_start(self.state)
+        student = self.accelerator.unwrap_model(self.student)  # no DDP all-reduce for a frozen student
+        output = self.synthesizer.synthesize(student, lr_scale=lr_multiplier(self.config, self.state.global_step))
+        self.state.rounds += 1
+        self._last_synthesis_losses = output.losses
+        self.callbacks.on_synthesis_end(self.state, output)
+
+    def _student_step(self, batches: Iterator[SyntheticBatch]) -> dict[str, Tensor]:
+        """One optimizer step of the student over `gradient_accumulation_steps` micro-batches. The
+        synthesis round before it ran once, on the step boundary, so accumulation never drops or
+        repeats a generator step (DESIGN.md fact 2)."""
+        acc, cfg = self.accelerator, self.config
+        self.callbacks.on_step_start(self.state)
+        self.student.train()
+        totals: dict[str, Tensor] = {}
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch = next(batches).to(acc.device)
+            with acc.accumulate(self.student):
+                with acc.autocast():
+                    with torch.no_grad():
+                        teacher_logits = logits_of(self.teacher(batch.images))
+                    student_logits = logits_of(self.student(batch.images))
+                terms = self.synthesizer.student_losses(student_logits, teacher_logits, batch)
+                acc.backward(sum(terms.values()))
+                if cfg.max_grad_norm and acc.sync_gradients:
+                    acc.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for key, value in terms.items():
+                totals[key] = totals.get(key, 0) + value.detach() / cfg.gradient_accumulation_steps
+        self.scheduler.step()
+        return totals
+
+    # --- evaluation, logging --------------------------------------------------------------------
+    def _top1(self, model: nn.Module) -> float:
+        acc = self.accelerator
+        return evaluate_top1(model, self.eval_data, num_classes=self.config.num_classes,
+                             batch_size=self.config.per_device_eval_batch_size, device=acc.device,
+                             process_index=acc.process_index, num_processes=acc.num_processes)
+
+    def _average_buffers(self, include_synthesizer: bool = False) -> None:
+        """Average BatchNorm running statistics over ranks. DDP broadcasts rank 0's buffers before
+        each forward, then every rank updates them on its own batch (and each rank's generator on
+        its own latents), so they drift apart; evaluating and saving the average gives one student
+        (and one generator) everywhere. A no-op in a single process."""
+        if self.accelerator.num_processes <= 1:
+            return
+        modules = [self.accelerator.unwrap_model(self.student)]
+        if include_synthesizer:
+            modules += list(self.synthesizer.modules().values())
+        for module in modules:
+            for buf in module.buffers():
+                if buf.is_floating_point():
+                    dist.all_reduce(buf)
+                    buf /= self.accelerator.num_processes
+
+    def _evaluate(self) -> Optional[float]:
+        if self.eval_data is None:
+            return None
+        self._average_buffers()
+        student = self.accelerator.unwrap_model(self.student)
+        top1 = self._top1(student)
+        self.state.eval_history.append((self.state.global_step, top1))
+        metrics = {"eval/top1": top1}
+        self.callbacks.on_evaluate(self.state, metrics, student=student)
+        self._log_scalars(metrics)
+        return top1
+
+    def _maybe_log(self, losses: dict[str, Tensor]) -> None:
+        step = self.state.global_step
+        if not self.config.logging_steps or step % self.config.logging_steps:
+            return
+        scalars = {f"student/{k}": float(v) for k, v in losses.items()}  # the only host syncs: every N steps
+        scalars.update({f"synthesis/{k}": float(v) for k, v in self._last_synthesis_losses.items()})
+        scalars["train/lr"] = self.scheduler.get_last_lr()[0]
+        scalars["time/synthesis_s"] = self.state.synthesis_seconds
+        scalars["time/distill_s"] = self.state.distill_seconds
+        self._log_scalars(scalars)
+
+    def _log_scalars(self, scalars: dict[str, float]) -> None:
+        if self.config.report_to != "none":
+            self.accelerator.log(scalars, step=self.state.global_step)
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "log.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": self.state.global_step, **scalars}) + "\n")
+
+    # --- checkpoints, outputs -------------------------------------------------------------------
+    def _prepare_output_dir(self) -> Optional[Path]:
+        """Decide between a fresh start and a resume before anything is written, so a bad
+        `--resume_from_checkpoint` or a clash with an earlier run loses nothing."""
+        cfg, acc = self.config, self.accelerator
+        resume = None
+        if cfg.resume_from_checkpoint:
+            resume = checkpointing.resolve_resume(cfg.resume_from_checkpoint, self.output_dir)
+            if resume is None:
+                logger.warning(f"no checkpoint in {self.output_dir} yet: starting from step 0", main_process_only=True)
+        previous = checkpointing.list_checkpoints(self.output_dir / "checkpoints")
+        if resume is None and (previous or (self.output_dir / "results.json").exists()):
+            if not cfg.overwrite_output_dir:
+                raise ConfigError(
+                    f"output_dir {self.output_dir} already holds a run. Resume it with --resume_from_checkpoint "
+                    "latest, choose another --output_dir, or pass --overwrite_output_dir true to replace it")
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                shutil.rmtree(self.output_dir / "checkpoints", ignore_errors=True)
+                for name in ("results.json", "log.jsonl", "student.safetensors", "best_student.safetensors"):
+                    (self.output_dir / name).unlink(missing_ok=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        return resume
+
+    def _save(self) -> None:
+        self._average_buffers(include_synthesizer=True)
+        rank_state = {"synthesizer": self.synthesizer.state_dict(), "source": self.source.state_dict()}
+        path = checkpointing.save_checkpoint(self.accelerator, self.output_dir / "checkpoints", self.state.global_step,
+                                             rank_state, self.state.to_json(), self.config.save_total_limit)
+        self.callbacks.on_save(self.state, path)
+
+    def _load(self, checkpoint: Path) -> None:
+        rank_state, trainer_state = checkpointing.load_checkpoint(self.accelerator, checkpoint)
+        self.synthesizer.load_state_dict(rank_state["synthesizer"])
+        self.source.load_state_dict(rank_state["source"])
+        teacher_top1 = self.state.teacher_top1
+        self.state.load_json(trainer_state)
+        self.state.teacher_top1 = teacher_top1 if teacher_top1 is not None else self.state.teacher_top1
+        logger.info(f"resumed from {checkpoint} at step {self.state.global_step}", main_process_only=True)
+
+    def _results(self, final_top1: Optional[float]) -> dict[str, Any]:
+        state, acc = self.state, self.accelerator
+        history = [top1 for _, top1 in state.eval_history]
+        times = torch.tensor([state.synthesis_seconds, state.distill_seconds], device=acc.device)
+        times = acc.reduce(times, reduction="mean") if acc.num_processes > 1 else times
+        return {
+            "method": self.config.method,
+            "teacher": self.config.teacher,
+            "student": self.config.student,
+            "teacher_top1": state.teacher_top1,
+            "student_top1": final_top1,
+            "best_student_top1": state.best_top1,
+            "best_step": state.best_step,
+            "mean_student_top1": statistics.fmean(history) if history else None,
+            "var_student_top1": statistics.pvariance(history) if len(history) > 1 else None,
+            "student_over_teacher": (final_top1 / state.teacher_top1
+                                     if final_top1 is not None and state.teacher_top1 else None),
+            "steps": state.global_step,
+            "synthesis_rounds": state.rounds,
+            "world_size": acc.num_processes,
+            "synthesis_seconds": float(times[0]),
+            "distill_seconds": float(times[1]),
+            "eval_history": state.eval_history,
+            "config": {**asdict(self.config), **asdict(self.method_config)},
+        }
+
+    def _write_outputs(self, results: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        student = self.accelerator.unwrap_model(self.student)
+        tmp = self.output_dir / ".student.safetensors.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(tmp))
+        tmp.replace(self.output_dir / "student.safetensors")
+        from .utils import atomic_write_bytes
+
+        atomic_write_bytes(self.output_dir / "results.json", json.dumps(results, indent=2).encode())

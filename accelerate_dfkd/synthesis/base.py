@@ -1,0 +1,196 @@
+"""The write side of a method: a `Synthesizer` owns its generator / latents / pixels, their
+optimizers and its synthesis loss terms, and runs one synthesis round per `synthesize()` call."""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .. import losses
+from ..config import MethodConfig
+
+
+@dataclass
+class SyntheticBatch:
+    """One batch a student learns from. `weights` are per-sample loss weights (importance
+    sampling); `indices` point back into a replay buffer; `targets` are real labels (KD-ORI)."""
+
+    images: Tensor
+    weights: Optional[Tensor] = None
+    indices: Optional[Tensor] = None
+    targets: Optional[Tensor] = None
+
+    def to(self, device: torch.device) -> "SyntheticBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return SyntheticBatch(move(self.images), move(self.weights), move(self.indices), move(self.targets))
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class SynthesisOutput:
+    """What one round produced: detached loss terms (tensors, so no device sync in the loop) and
+    the last synthesized images, for image grids and callbacks."""
+
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    images: Optional[Tensor] = None
+
+
+@dataclass
+class SynthesisContext:
+    """Where and how a synthesizer runs: device, rank, precision. Built from an Accelerator by the
+    Distiller, or by hand (`SynthesisContext()`) for a plain PyTorch loop."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    process_index: int = 0
+    num_processes: int = 1
+    seed: int = 0
+    mixed_precision: str = "no"
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
+        if self.device.type == "cpu":  # Accelerate's MULTI_CPU device is "cpu:0"; storages tagged so don't reload
+            self.device = torch.device("cpu")
+
+    @classmethod
+    def from_accelerator(cls, accelerator: Any, seed: int) -> "SynthesisContext":
+        return cls(device=accelerator.device, process_index=accelerator.process_index,
+                   num_processes=accelerator.num_processes, seed=seed,
+                   mixed_precision=str(accelerator.mixed_precision))
+
+    def make_rng(self, stream: int = 0) -> torch.Generator:
+        """This rank's random stream: seeded with seed + rank, so ranks synthesize different samples
+        (DESIGN.md fact 1); `stream` separates independent streams of one rank."""
+        rng = torch.Generator(device=self.device)
+        rng.manual_seed(self.seed + self.process_index + 1_000_003 * stream)
+        return rng
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+        if self.mixed_precision not in dtypes:
+            return contextlib.nullcontext()
+        if self.mixed_precision == "fp16" and self.device.type == "cpu":
+            return contextlib.nullcontext()  # Accelerate ignores fp16 on CPU too; the Distiller warns
+        return torch.autocast(device_type=self.device.type, dtype=dtypes[self.mixed_precision])
+
+    def make_scaler(self) -> Optional[torch.amp.GradScaler]:
+        if self.mixed_precision == "fp16" and self.device.type == "cuda":
+            return torch.amp.GradScaler("cuda")
+        return None
+
+    def all_reduce_gradients(self, params: Iterable[nn.Parameter]) -> None:
+        """Average gradients over ranks in one flat all-reduce, so a generator shared by all ranks
+        learns from the global synthesis batch and stays identical everywhere."""
+        if self.num_processes <= 1 or not dist.is_available() or not dist.is_initialized():
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.num_processes
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+class Synthesizer(ABC):
+    """Base of every method. Subclasses set `name`, `config_class`, `paper`, and implement
+    `synthesize` and `build_source`; the student's loss hook defaults to the config's criterion."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    paper: ClassVar[str]
+    needs_batchnorm_teacher: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig, teacher: nn.Module, *, image_shape: tuple[int, int, int],
+                 num_classes: int, context: Optional[SynthesisContext] = None, task: str = "classification") -> None:
+        self.config = config
+        self.teacher = teacher
+        self.image_shape = tuple(image_shape)
+        self.num_classes = num_classes
+        self.context = context or SynthesisContext()
+        self.task = task
+        self.scaler = self.context.make_scaler()
+        self.rounds = 0
+
+    @classmethod
+    def check_image_shape(cls, config: MethodConfig, image_shape: tuple[int, int, int]) -> None:
+        """Raise a ConfigError if this method cannot make images of this shape. Called before any
+        model is loaded, so a wrong image_size fails fast."""
+
+    # --- the contract ----------------------------------------------------------------------
+    @abstractmethod
+    def synthesize(self, student: nn.Module, lr_scale: float = 1.0) -> SynthesisOutput:
+        """Run one synthesis round against `student` (unwrapped, in any mode). The only place that
+        trains generators, latents or pixels. Must leave teacher and student parameters untouched."""
+
+    @abstractmethod
+    def build_source(self, batch_size: int):
+        """The read side: a SyntheticSource yielding `batch_size` samples per batch for the student."""
+
+    def student_losses(self, student_logits: Tensor, teacher_logits: Tensor, batch: SyntheticBatch) -> dict[str, Tensor]:
+        """The student's loss on a batch (the method's loss hook): the configured KD criterion."""
+        if self.config.student_loss == "l1":
+            return {"kd": losses.l1_logits(student_logits, teacher_logits, weights=batch.weights)}
+        return {"kd": losses.kd_kl(student_logits, teacher_logits, self.config.temperature, weights=batch.weights)}
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Networks this synthesizer trains (for devices, grids and state)."""
+        return {}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {}
+
+    # --- state: everything this rank needs to continue bit-identically ----------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"rounds": self.rounds}
+        state["modules"] = {k: m.state_dict() for k, m in self.modules().items()}
+        state["optimizers"] = {k: o.state_dict() for k, o in self.optimizers().items()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        state.update(self.extra_state())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds = state["rounds"]
+        for key, module in self.modules().items():
+            module.load_state_dict(state["modules"][key])
+        for key, opt in self.optimizers().items():
+            opt.load_state_dict(state["optimizers"][key])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.load_extra_state(state)
+
+    def extra_state(self) -> dict[str, Any]:
+        """Subclass hook: RNG streams, latents, buffers."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # --- helpers for subclasses ---------------------------------------------------------------
+    def _step(self, loss: Tensor, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+              lr_scale: float, base_lr: float) -> None:
+        """One optimizer step of synthesis parameters: backward (scaled under fp16), gradients
+        averaged over ranks, the schedule's LR multiplier applied statelessly."""
+        for group in optimizer.param_groups:
+            group["lr"] = base_lr * lr_scale
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.context.all_reduce_gradients(params)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.context.all_reduce_gradients(params)
+            optimizer.step()

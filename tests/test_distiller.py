@@ -1,0 +1,118 @@
+"""The Distiller in-process: outputs, gradient accumulation, a frozen teacher, bad input."""
+
+import json
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+from accelerate_dfkd import Callback, Distiller
+from accelerate_dfkd.config import ConfigError
+from accelerate_dfkd.evaluation import load_digits_split
+
+from .conftest import small_configs, tiny_student, tiny_teacher
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+class EventRecorder(Callback):
+    def __init__(self):
+        self.events = []
+
+    def __getattribute__(self, name):
+        if name.startswith("on_"):
+            return lambda *a, **k: object.__getattribute__(self, "events").append(name)
+        return object.__getattribute__(self, name)
+
+
+def test_run_writes_results_student_and_checkpoints(tmp_path):
+    cfg, method = small_configs(tmp_path, max_steps=6, save_steps=3, eval_steps=3, eval_dataset="digits")
+    recorder = EventRecorder()
+    results = Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student(),
+                        eval_data=load_digits_split("test"), callbacks=[recorder]).train()
+    out = tmp_path / "run"
+    saved = json.loads((out / "results.json").read_text())
+    for key in ("method", "teacher_top1", "student_top1", "best_student_top1", "steps", "world_size",
+                "synthesis_seconds", "distill_seconds"):
+        assert key in saved and saved[key] == results[key]
+    assert saved["steps"] == 6 and saved["world_size"] == 1 and saved["synthesis_rounds"] == 2
+    assert saved["synthesis_seconds"] > 0 and saved["distill_seconds"] > 0
+    assert (out / "student.safetensors").is_file() and (out / "best_student.safetensors").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+    assert len(saved["eval_history"]) == 2
+    # the documented event order
+    ev = recorder.events
+    assert ev[0] == "on_train_start" and ev[-1] == "on_train_end"
+    assert ev[1:6] == ["on_synthesis_start", "on_synthesis_end", "on_step_start", "on_step_end", "on_step_start"]
+    assert ev.index("on_evaluate") < ev.index("on_save")
+    assert ev.count("on_synthesis_start") == 2 and ev.count("on_step_end") == 6
+
+
+def test_teacher_never_changes(tmp_path):
+    teacher = tiny_teacher()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cfg, method = small_configs(tmp_path, max_steps=10, student_steps_per_round=1)
+    Distiller(cfg, method, teacher=teacher, student=tiny_student()).train()
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_gradient_accumulation_still_updates_the_generator(tmp_path):
+    """With 2 micro-batches per optimizer step, every round still takes its generator step."""
+    cfg, method = small_configs(tmp_path, max_steps=4, gradient_accumulation_steps=2, student_steps_per_round=1)
+    snapshots = []
+
+    class Watch(Callback):
+        def on_synthesis_end(self, state, output):
+            snapshots.append([p.detach().clone() for p in distiller.synthesizer.generator.parameters()])
+
+    student = tiny_student()
+    student_before = [p.detach().clone() for p in student.parameters()]
+    distiller = Distiller(cfg, method, teacher=tiny_teacher(), student=student, callbacks=[Watch()])
+    distiller.train()
+    assert len(snapshots) == 4
+    for a, b in zip(snapshots, snapshots[1:]):
+        assert any(not torch.equal(x, y) for x, y in zip(a, b)), "a round did not update the generator"
+    adam_steps = [s["step"] for s in distiller.synthesizer.optimizer.state_dict()["state"].values()]
+    assert all(int(s) == 4 for s in adam_steps)
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, student.parameters()))
+
+
+def test_lr_schedule_multistep_reaches_generator_too(tmp_path):
+    cfg, method = small_configs(tmp_path, max_steps=4, lr_scheduler="multistep", lr_milestones=[2],
+                                student_steps_per_round=1)
+    distiller = Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student())
+    distiller.train()
+    assert distiller.scheduler.get_last_lr()[0] == pytest.approx(cfg.learning_rate * 0.1)
+    assert distiller.synthesizer.optimizer.param_groups[0]["lr"] == pytest.approx(method.generator_lr * 0.1)
+
+
+def test_wrong_logits_shape_is_refused(tmp_path):
+    cfg, method = small_configs(tmp_path, num_classes=7)
+    with pytest.raises(ConfigError, match=r"outputs shape \(2, 10\).*\(2, 7\)"):
+        Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student())
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    cfg, method = small_configs(tmp_path, max_steps=2)
+    Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student()).train()
+    results = (tmp_path / "run" / "results.json").read_bytes()
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student()).train()
+    assert (tmp_path / "run" / "results.json").read_bytes() == results
+    assert (tmp_path / "run" / "checkpoints" / "step_000002" / "trainer_state.json").is_file()
+
+
+def test_resume_pointing_at_nothing_is_an_error(tmp_path):
+    cfg, method = small_configs(tmp_path, resume_from_checkpoint=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student()).train()
+    assert not (tmp_path / "run").exists()
