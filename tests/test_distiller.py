@@ -116,3 +116,25 @@ def test_resume_pointing_at_nothing_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student()).train()
     assert not (tmp_path / "run").exists()
+
+
+def test_bf16_smoke_and_trackers_and_image_grid(tmp_path):
+    """bf16 autocast runs on CPU (slowly: two steps only); tensorboard and PNG grids are written."""
+    cfg, method = small_configs(tmp_path, max_steps=2, mixed_precision="bf16", report_to="tensorboard",
+                                image_grid_rounds=1, student_steps_per_round=1)
+    results = Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student()).train()
+    assert results["steps"] == 2
+    out = tmp_path / "run"
+    assert list(out.rglob("events.out.tfevents*")), "no tensorboard event file"
+    grid = out / "images" / "round_000001.png"
+    from PIL import Image
+
+    with Image.open(grid) as image:
+        image.load()
+        assert image.mode == "L" and image.size[0] > 8
+
+
+def test_fp16_on_cpu_warns(tmp_path):
+    cfg, method = small_configs(tmp_path, max_steps=1, mixed_precision="fp16")
+    with pytest.warns(UserWarning, match="fp16 has no effect on CPU"):
+        Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student())

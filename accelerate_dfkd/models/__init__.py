@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from torch import nn
 
 from .cifar_resnet import resnet20, resnet32, resnet44, resnet56, resnet110
-from .digits import digits_cnn, digits_cnn_small
+from .digits import digits_cnn, digits_cnn_half, digits_cnn_small
 from .generators import generator_a, generator_b, sigmoid_generator
 from .lenet import lenet5, lenet5_half
 from .loading import load_checkpoint_into, load_state_dict_file
@@ -31,6 +31,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet5": lenet5,
     "lenet5_half": lenet5_half,
     "digits_cnn": digits_cnn,
+    "digits_cnn_half": digits_cnn_half,
     "digits_cnn_small": digits_cnn_small,
     "resnet20": resnet20,
     "resnet32": resnet32,

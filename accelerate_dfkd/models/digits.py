@@ -49,6 +49,12 @@ def digits_cnn(num_classes: int = 10, in_channels: int = 1) -> DigitsCNN:
     return DigitsCNN(num_classes=num_classes, in_channels=in_channels, widths=(32, 64, 64))
 
 
+def digits_cnn_half(num_classes: int = 10, in_channels: int = 1) -> DigitsCNN:
+    """Half-width student for ``load_digits`` (widths 16/32/32, about 14.6k parameters): the
+    digits analogue of LeNet-5 -> LeNet-5-half."""
+    return DigitsCNN(num_classes=num_classes, in_channels=in_channels, widths=(16, 32, 32))
+
+
 def digits_cnn_small(num_classes: int = 10, in_channels: int = 1) -> DigitsCNN:
     """Student for ``load_digits`` (widths 8/16/16, about 3.8k parameters)."""
     return DigitsCNN(num_classes=num_classes, in_channels=in_channels, widths=(8, 16, 16))
