@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/accelerate-dfkd recipes/digits/dfad.yaml --output_dir runs/digits_dfad
+	$(VENV)/bin/accelerate-dfkd recipes/digits/dfad.yaml --output_dir runs/digits_dfad --overwrite_output_dir true
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q

@@ -129,9 +129,14 @@ class ProgressCallback(Callback):
 
     def on_train_start(self, state: TrainerState) -> None:
         if state.is_main_process:
+            import sys
+
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="distill", dynamic_ncols=True)
+            # redirected to a file or CI log: a line every 10 s instead of a redraw per step
+            interval = 0.1 if sys.stderr.isatty() else 10.0
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="distill", dynamic_ncols=True,
+                            mininterval=interval)
 
     def on_step_end(self, state: TrainerState, losses: dict[str, Tensor]) -> None:
         if self.bar is None:

@@ -97,7 +97,10 @@ class Distiller:
         check_classifier_output(teacher, "teacher", image_shape, config.num_classes, task=config.task)
         check_classifier_output(student, "student", image_shape, config.num_classes, task=config.task)
         if self.synthesizer_class.needs_batchnorm_teacher:
-            BatchNormStatistics(teacher).remove()  # raises a clear error for a teacher without BatchNorm
+            try:
+                BatchNormStatistics(teacher).remove()
+            except ValueError as err:  # a teacher without BatchNorm: say so instead of crashing later
+                raise ConfigError(f"method {config.method!r} matches the teacher's BatchNorm statistics: {err}") from None
 
         acc = self.accelerator
         # Frozen and never wrapped: no DDP, no optimizer, not part of save_state (DESIGN.md fact 4).
