@@ -35,19 +35,28 @@ class ReplayBuffer:
         images = images.detach().to(self.device, self.dtype)
         if self.images is None:
             self.images = torch.empty((self.capacity, *images.shape[1:]), dtype=self.dtype, device=self.device)
-        for image in images:  # per-image logic is cheap next to synthesis; keeps policies exact
-            if self.policy == "fifo":
-                slot = self._next
-                self._next = (self._next + 1) % self.capacity
-            elif self.size < self.capacity:
-                slot = self.size
-            else:  # reservoir (Vitter's algorithm R): keep each seen image with prob capacity/seen
-                j = int(torch.randint(0, self.seen + 1, (1,), generator=rng, device=rng.device if rng else "cpu"))
-                slot = j if j < self.capacity else -1
-            if slot >= 0:
-                self.images[slot] = image
-            self.size = min(self.size + 1, self.capacity)
-            self.seen += 1
+        n = images.shape[0]
+        if self.policy == "fifo":
+            if n > self.capacity:  # only the newest `capacity` images can survive this call
+                self.seen += n - self.capacity
+                self._next = (self._next + n - self.capacity) % self.capacity
+                images, n = images[-self.capacity:], self.capacity
+            slots = (self._next + torch.arange(n)) % self.capacity
+            self.images[slots.to(self.device)] = images
+            self._next = (self._next + n) % self.capacity
+        else:
+            # Reservoir sampling (Vitter's algorithm R): the i-th image of the stream fills a free slot,
+            # or replaces slot j ~ U{0..i} if j < capacity, so every image seen is kept with equal
+            # probability. One random draw for the whole batch; assignments applied in stream order.
+            stream_index = self.seen + torch.arange(n, dtype=torch.float64)
+            u = torch.rand(n, generator=rng, dtype=torch.float64, device=rng.device if rng else "cpu").cpu()
+            draws = torch.floor(u * (stream_index + 1)).long().tolist()
+            for i, j in enumerate(draws):
+                slot = self.seen + i if self.seen + i < self.capacity else j
+                if slot < self.capacity:
+                    self.images[slot] = images[i]
+        self.seen += n
+        self.size = min(self.capacity, self.size + n)
 
     def sample(self, n: int, rng: torch.Generator) -> tuple[Tensor, Tensor]:
         if self.size == 0:
