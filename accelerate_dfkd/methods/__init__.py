@@ -4,6 +4,7 @@ from ..synthesis import Synthesizer
 from .dafl import DAFL, DAFLConfig
 from .dfad import DFAD, DFADConfig
 from .dfq import DFQ, DFQConfig
+from .pre_dfkd import PreDFKD, PreDFKDConfig
 from .zskt import ZSKT, ZSKTConfig
 
 METHODS: dict[str, type[Synthesizer]] = {
@@ -11,6 +12,7 @@ METHODS: dict[str, type[Synthesizer]] = {
     "dafl": DAFL,
     "zskt": ZSKT,
     "dfq": DFQ,
+    "pre_dfkd": PreDFKD,
 }
 
 __all__ = ["METHODS", "DFAD", "DFADConfig", "DAFL", "DAFLConfig", "ZSKT", "ZSKTConfig", "DFQ", "DFQConfig"]

@@ -73,7 +73,8 @@ class DFQConfig(MethodConfig):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.temperature <= 0 or self.generator_lr <= 0:
-            raise ConfigError(f"temperature and generator_lr must be positive, got {self.temperature}, {self.generator_lr}")
+            raise ConfigError(f"temperature and generator_lr must be positive, "
+                              f"got {self.temperature} and {self.generator_lr}")
         weights = {"adversarial_weight": self.adversarial_weight, "bn_weight": self.bn_weight,
                    "one_hot_weight": self.one_hot_weight, "balance_weight": self.balance_weight}
         for name, value in weights.items():

@@ -75,7 +75,8 @@ class ZSKTConfig(MethodConfig):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.temperature <= 0 or self.generator_lr <= 0:
-            raise ConfigError(f"temperature and generator_lr must be positive, got {self.temperature}, {self.generator_lr}")
+            raise ConfigError(f"temperature and generator_lr must be positive, "
+                              f"got {self.temperature} and {self.generator_lr}")
         if self.adversarial_weight <= 0:
             raise ConfigError(f"adversarial_weight must be positive: it is ZSKT's only generator loss, "
                               f"got {self.adversarial_weight}")
