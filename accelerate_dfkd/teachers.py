@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import ConfigError
-from .evaluation import LabeledImages, evaluate_top1, load_digits_split
+from .evaluation import LabeledImages, load_digits_split
 from .models import build_model, load_checkpoint_into
 from .utils import logits_of
 
@@ -51,14 +51,22 @@ def train_classifier(model: nn.Module, data: LabeledImages, *, epochs: int, lr: 
 def pretrained_digits_teacher(model_name: str, image_size: int, num_classes: int = 10, in_channels: int = 1) -> Path:
     """The embedded default teacher: `model_name` trained on the fixed 70% digits split, cached as
     safetensors. Deterministic from seed 0; written atomically so parallel ranks never read half a file."""
-    path = cache_dir() / "teachers" / f"{model_name}-digits{image_size}.safetensors"
+    # bump the version when the training recipe changes, so stale caches are not reused
+    path = cache_dir() / "teachers" / f"{model_name}-digits{image_size}-v1.safetensors"
     if path.is_file():
         return path
     if num_classes != 10 or in_channels != 1:
         raise ConfigError("pretrained:digits needs num_classes=10 and in_channels=1")
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=10, in_channels=1)
-    train_classifier(model, load_digits_split("train", image_size), epochs=30, lr=1e-2, seed=0)
+    # One thread: floating-point reductions then run in one order, so every machine (and every
+    # rank of a launch) trains the same teacher bit for bit.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_classifier(model, load_digits_split("train", image_size), epochs=30, lr=1e-2, seed=0)
+    finally:
+        torch.set_num_threads(threads)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))

@@ -24,6 +24,21 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process run starts from a clean state."""
+    _reset_accelerate()
+    yield
+    _reset_accelerate()
+
+
 def tiny_teacher(seed: int = 0) -> torch.nn.Module:
     """digits_cnn with random weights and non-trivial BatchNorm running statistics."""
     torch.manual_seed(seed)

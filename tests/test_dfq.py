@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from accelerate_dfkd import Distiller, DistillConfig
 from accelerate_dfkd.config import ConfigError
@@ -14,15 +13,6 @@ from accelerate_dfkd.teachers import load_teacher
 
 from .conformance import SynthesizerConformance
 from .conftest import tiny_student, tiny_teacher
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 class TestDFQConformance(SynthesizerConformance):

@@ -4,22 +4,12 @@ import json
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from accelerate_dfkd import Callback, Distiller
 from accelerate_dfkd.config import ConfigError
 from accelerate_dfkd.evaluation import load_digits_split
 
-from .conftest import small_configs, tiny_student, tiny_teacher
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+from .conftest import _reset_accelerate, small_configs, tiny_student, tiny_teacher
 
 
 class EventRecorder(Callback):
@@ -104,7 +94,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
     cfg, method = small_configs(tmp_path, max_steps=2)
     Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student()).train()
     results = (tmp_path / "run" / "results.json").read_bytes()
-    AcceleratorState._reset_state(True)
+    _reset_accelerate()
     with pytest.raises(ConfigError, match="already holds a run"):
         Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student()).train()
     assert (tmp_path / "run" / "results.json").read_bytes() == results

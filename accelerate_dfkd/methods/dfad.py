@@ -21,21 +21,17 @@ used and a conformance test checks that the term reaches the generator.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .. import losses
-from ..config import ConfigError, MethodConfig
-from ..hooks import frozen, training_mode
-from ..models import build_generator
-from ..synthesis import GeneratorSource, SynthesisOutput, Synthesizer
+from ..synthesis.generative import GenerativeConfig, GenerativeSynthesizer
 from ..utils import logits_of
 
 
 @dataclass
-class DFADConfig(MethodConfig):
+class DFADConfig(GenerativeConfig):
     # Student loss: L1 on logits, the MAE discrepancy of Eq. 2 (DFAD_cifar.py `F.l1_loss`).
     student_loss: Literal["kl", "l1"] = "l1"
     # 5 student steps per generator step (DFAD_cifar.py: `for k in range(5)` in train()).
@@ -60,68 +56,21 @@ class DFADConfig(MethodConfig):
     sample_generator_in_train_mode: bool = True
 
     def validate(self) -> None:
-        for name in ("student_steps_per_round", "generator_steps", "nz", "ngf", "per_device_synthesis_batch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        super().validate()
+        self.check_weights("DFAD", adversarial_weight=self.adversarial_weight)
 
 
-class DFAD(Synthesizer):
+class DFAD(GenerativeSynthesizer):
     name = "dfad"
     config_class = DFADConfig
     paper = "Fang et al., Data-Free Adversarial Distillation, arXiv:1912.11006 (2019)"
     config: DFADConfig
 
-    def __init__(self, config: DFADConfig, teacher: nn.Module, **kwargs: Any) -> None:
-        super().__init__(config, teacher, **kwargs)
-        self.generator = self._build_generator(config, self.image_shape).to(self.context.device)
-        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.generator_lr,
-                                          betas=(config.generator_beta1, config.generator_beta2))
-        self.rng = self.context.make_rng(stream=0)  # latents of the generator steps
+    def generator_terms(self, images: Tensor, student: nn.Module) -> dict[str, Tensor]:
+        teacher_logits = logits_of(self.teacher(images))
+        student_logits = logits_of(student(images))
+        dense = self.task == "segmentation"
+        return {"adversarial": losses.dfad_generator_loss(student_logits, teacher_logits, dense=dense)}
 
-    @staticmethod
-    def _build_generator(config: DFADConfig, image_shape: tuple[int, ...]) -> nn.Module:
-        channels, height, width = image_shape
-        if height != width:
-            raise ConfigError(f"{config.generator} makes square images; got image shape {tuple(image_shape)}")
-        try:
-            return build_generator(config.generator, nz=config.nz, image_size=height, channels=channels, ngf=config.ngf)
-        except ValueError as err:
-            raise ConfigError(f"image_size={height} cannot be produced by generator {config.generator!r}: {err}") from None
-
-    @classmethod
-    def check_image_shape(cls, config: DFADConfig, image_shape: tuple[int, int, int]) -> None:
-        cls._build_generator(config, image_shape)
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator}
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"generator": self.optimizer}
-
-    def synthesize(self, student: nn.Module, lr_scale: float = 1.0) -> SynthesisOutput:
-        cfg = self.config
-        lr_scale = lr_scale if cfg.generator_lr_follows_schedule else 1.0
-        params = list(self.generator.parameters())
-        for _ in range(cfg.generator_steps):
-            z = torch.randn(cfg.per_device_synthesis_batch_size, cfg.nz, generator=self.rng, device=self.rng.device)
-            with frozen(student), training_mode(student, cfg.student_mode_in_synthesis == "train"), \
-                    training_mode(self.generator, True), self.context.autocast():
-                images = self.generator(z)
-                teacher_logits = logits_of(self.teacher(images))
-                student_logits = logits_of(student(images))
-                adversarial = losses.dfad_generator_loss(student_logits, teacher_logits,
-                                                         dense=self.task == "segmentation")
-                loss = cfg.adversarial_weight * adversarial
-            self._step(loss, self.optimizer, params, lr_scale, cfg.generator_lr)
-        self.rounds += 1
-        return SynthesisOutput(losses={"adversarial": adversarial.detach()}, images=images.detach())
-
-    def build_source(self, batch_size: int) -> GeneratorSource:
-        return GeneratorSource(self.generator, self.config.nz, batch_size, self.context.make_rng(stream=1),
-                               generator_train_mode=self.config.sample_generator_in_train_mode)
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"rng": self.rng.get_state()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.rng.set_state(state["rng"])
+    def term_weights(self) -> dict[str, float]:
+        return {"adversarial": self.config.adversarial_weight}

@@ -29,20 +29,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .. import losses
-from ..config import ConfigError, MethodConfig
-from ..hooks import BatchNormStatistics, frozen, training_mode
-from ..synthesis import GeneratorSource, SynthesisOutput, Synthesizer
+from ..config import ConfigError
+from ..hooks import BatchNormStatistics
+from ..synthesis.generative import GenerativeConfig, GenerativeSynthesizer
 from ..utils import logits_of
-from .dafl import build_standardized_generator
 
 
 @dataclass
-class DFQConfig(MethodConfig):
+class DFQConfig(GenerativeConfig):
     # Student loss: KL(teacher || student) at T = 1: the zju-vipa loop silently replaces the
     # script's --T 20 by KLDiv() for DFQ (implementations.md s.1.2).
     student_loss: Literal["kl", "l1"] = "kl"
@@ -69,23 +67,12 @@ class DFQConfig(MethodConfig):
     sample_generator_in_train_mode: bool = True
 
     def validate(self) -> None:
-        for name in ("student_steps_per_round", "generator_steps", "nz", "ngf", "per_device_synthesis_batch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.temperature <= 0 or self.generator_lr <= 0:
-            raise ConfigError(f"temperature and generator_lr must be positive, "
-                              f"got {self.temperature} and {self.generator_lr}")
-        weights = {"adversarial_weight": self.adversarial_weight, "bn_weight": self.bn_weight,
-                   "one_hot_weight": self.one_hot_weight, "balance_weight": self.balance_weight}
-        for name, value in weights.items():
-            if value < 0:
-                raise ConfigError(f"{name} must be >= 0 (0 switches the term off), got {value}")
-        if not any(weights.values()):
-            raise ConfigError(f"DFQ needs at least one positive loss weight ({', '.join(weights)}), "
-                              "or its generator never learns")
+        super().validate()
+        self.check_weights("DFQ", adversarial_weight=self.adversarial_weight, bn_weight=self.bn_weight,
+                           one_hot_weight=self.one_hot_weight, balance_weight=self.balance_weight)
 
 
-class DFQ(Synthesizer):
+class DFQ(GenerativeSynthesizer):
     name = "dfq"
     config_class = DFQConfig
     paper = ("Choi et al., Data-Free Network Quantization With Adversarial Knowledge Distillation, "
@@ -95,64 +82,31 @@ class DFQ(Synthesizer):
     needs_batchnorm_teacher = False
 
     def __init__(self, config: DFQConfig, teacher: nn.Module, **kwargs: Any) -> None:
-        super().__init__(config, teacher, **kwargs)
-        config.validate()
         if config.bn_weight > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules()):
             raise ConfigError(
                 f"DFQ's BN-statistics term needs a teacher with BatchNorm; {type(teacher).__name__} has no "
                 "BatchNorm2d layer (LeNet-5 has none): set --bn_weight 0 for DFQ-without-BN")
-        self.generator = build_standardized_generator(config, self.image_shape).to(self.context.device)
-        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.generator_lr,
-                                          betas=(config.generator_beta1, config.generator_beta2))
-        self.rng = self.context.make_rng(stream=0)  # latents of the generator steps
+        super().__init__(config, teacher, **kwargs)
 
-    @classmethod
-    def check_image_shape(cls, config: DFQConfig, image_shape: tuple[int, int, int]) -> None:
-        build_standardized_generator(config, image_shape)
+    def generator_terms(self, images: Tensor, student: nn.Module) -> dict[str, Tensor]:
+        cfg, terms = self.config, {}
+        if cfg.bn_weight > 0:
+            with BatchNormStatistics(self.teacher) as bn:
+                teacher_logits = logits_of(self.teacher(images))
+                terms["bn_stats"] = bn.loss()
+        else:
+            teacher_logits = logits_of(self.teacher(images))
+        logits = teacher_logits.float()
+        if cfg.adversarial_weight > 0:  # the student runs only when its term counts (as zju-vipa)
+            student_logits = logits_of(student(images))
+            terms["adversarial"] = -losses.kd_kl(student_logits, teacher_logits, temperature=1.0)
+        terms["one_hot"] = F.cross_entropy(logits, logits.argmax(dim=1))
+        # sum p log p of the batch-mean prediction; the reference has no epsilon (NaN once a class
+        # probability underflows to 0), batch_entropy does.
+        terms["balance"] = -losses.batch_entropy(logits)
+        return terms
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator}
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"generator": self.optimizer}
-
-    def synthesize(self, student: nn.Module, lr_scale: float = 1.0) -> SynthesisOutput:
+    def term_weights(self) -> dict[str, float]:
         cfg = self.config
-        lr_scale = lr_scale if cfg.generator_lr_follows_schedule else 1.0
-        params = list(self.generator.parameters())
-        weights = {"adversarial": cfg.adversarial_weight, "bn_stats": cfg.bn_weight,
-                   "one_hot": cfg.one_hot_weight, "balance": cfg.balance_weight}
-        for _ in range(cfg.generator_steps):
-            z = torch.randn(cfg.per_device_synthesis_batch_size, cfg.nz, generator=self.rng, device=self.rng.device)
-            terms: dict[str, torch.Tensor] = {}
-            with frozen(student), training_mode(student, cfg.student_mode_in_synthesis == "train"), \
-                    training_mode(self.generator, True), self.context.autocast():
-                images = self.generator(z)
-                if cfg.bn_weight > 0:
-                    with BatchNormStatistics(self.teacher) as bn:
-                        teacher_logits = logits_of(self.teacher(images))
-                        terms["bn_stats"] = bn.loss()
-                else:
-                    teacher_logits = logits_of(self.teacher(images))
-                logits = teacher_logits.float()
-                if cfg.adversarial_weight > 0:  # the student runs only when its term counts (as zju-vipa)
-                    student_logits = logits_of(student(images))
-                    terms["adversarial"] = -losses.kd_kl(student_logits, teacher_logits, temperature=1.0)
-                terms["one_hot"] = F.cross_entropy(logits, logits.argmax(dim=1))
-                # sum p log p of the batch-mean prediction; the reference has no epsilon (NaN once a
-                # class probability underflows to 0), batch_entropy does.
-                terms["balance"] = -losses.batch_entropy(logits)
-                loss = sum(weights[k] * v for k, v in terms.items())
-            self._step(loss, self.optimizer, params, lr_scale, cfg.generator_lr)
-        self.rounds += 1
-        return SynthesisOutput(losses={k: v.detach() for k, v in terms.items()}, images=images.detach())
-
-    def build_source(self, batch_size: int) -> GeneratorSource:
-        return GeneratorSource(self.generator, self.config.nz, batch_size, self.context.make_rng(stream=1),
-                               generator_train_mode=self.config.sample_generator_in_train_mode)
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"rng": self.rng.get_state()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.rng.set_state(state["rng"])
+        return {"adversarial": cfg.adversarial_weight, "bn_stats": cfg.bn_weight, "one_hot": cfg.one_hot_weight,
+                "balance": cfg.balance_weight}

@@ -29,22 +29,20 @@ see. `attention_transfer_loss` below is the term, ready for when it does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import losses
-from ..config import ConfigError, MethodConfig
-from ..hooks import frozen, training_mode
-from ..synthesis import GeneratorSource, SynthesisOutput, Synthesizer
+from ..config import ConfigError
+from ..synthesis.generative import GenerativeConfig, GenerativeSynthesizer
 from ..utils import logits_of
-from .dafl import build_standardized_generator
 
 
 @dataclass
-class ZSKTConfig(MethodConfig):
+class ZSKTConfig(GenerativeConfig):
     # Student loss: KL(teacher || student) at T = 1: the original's forward KL, and what the
     # zju-vipa loop silently forces (KLDiv() overrides --T 20, implementations.md s.1.2).
     student_loss: Literal["kl", "l1"] = "kl"
@@ -71,12 +69,7 @@ class ZSKTConfig(MethodConfig):
     sample_generator_in_train_mode: bool = True
 
     def validate(self) -> None:
-        for name in ("student_steps_per_round", "generator_steps", "nz", "ngf", "per_device_synthesis_batch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.temperature <= 0 or self.generator_lr <= 0:
-            raise ConfigError(f"temperature and generator_lr must be positive, "
-                              f"got {self.temperature} and {self.generator_lr}")
+        super().validate()
         if self.adversarial_weight <= 0:
             raise ConfigError(f"adversarial_weight must be positive: it is ZSKT's only generator loss, "
                               f"got {self.adversarial_weight}")
@@ -103,55 +96,18 @@ def attention_transfer_loss(student_features: Sequence[Tensor], teacher_features
     return total
 
 
-class ZSKT(Synthesizer):
+class ZSKT(GenerativeSynthesizer):
     name = "zskt"
     config_class = ZSKTConfig
     paper = ("Micaelli & Storkey, Zero-shot Knowledge Transfer via Adversarial Belief Matching, "
              "NeurIPS 2019 (arXiv:1905.09768)")
     config: ZSKTConfig
 
-    def __init__(self, config: ZSKTConfig, teacher: nn.Module, **kwargs: Any) -> None:
-        super().__init__(config, teacher, **kwargs)
-        config.validate()
-        self.generator = build_standardized_generator(config, self.image_shape).to(self.context.device)
-        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.generator_lr,
-                                          betas=(config.generator_beta1, config.generator_beta2))
-        self.rng = self.context.make_rng(stream=0)  # latents of the generator steps
+    def generator_terms(self, images: Tensor, student: nn.Module) -> dict[str, Tensor]:
+        teacher_logits = logits_of(self.teacher(images))
+        student_logits = logits_of(student(images))
+        # zju-vipa: loss_adv = -KLDiv()(s_out, t_out), i.e. -KL(teacher || student) at T = 1
+        return {"adversarial": -losses.kd_kl(student_logits, teacher_logits, temperature=1.0)}
 
-    @classmethod
-    def check_image_shape(cls, config: ZSKTConfig, image_shape: tuple[int, int, int]) -> None:
-        build_standardized_generator(config, image_shape)
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator}
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"generator": self.optimizer}
-
-    def synthesize(self, student: nn.Module, lr_scale: float = 1.0) -> SynthesisOutput:
-        cfg = self.config
-        lr_scale = lr_scale if cfg.generator_lr_follows_schedule else 1.0
-        params = list(self.generator.parameters())
-        for _ in range(cfg.generator_steps):
-            z = torch.randn(cfg.per_device_synthesis_batch_size, cfg.nz, generator=self.rng, device=self.rng.device)
-            with frozen(student), training_mode(student, cfg.student_mode_in_synthesis == "train"), \
-                    training_mode(self.generator, True), self.context.autocast():
-                images = self.generator(z)
-                teacher_logits = logits_of(self.teacher(images))
-                student_logits = logits_of(student(images))
-                # zju-vipa: loss_adv = -KLDiv()(s_out, t_out), i.e. -KL(teacher || student) at T = 1
-                adversarial = -losses.kd_kl(student_logits, teacher_logits, temperature=1.0)
-                loss = cfg.adversarial_weight * adversarial
-            self._step(loss, self.optimizer, params, lr_scale, cfg.generator_lr)
-        self.rounds += 1
-        return SynthesisOutput(losses={"adversarial": adversarial.detach()}, images=images.detach())
-
-    def build_source(self, batch_size: int) -> GeneratorSource:
-        return GeneratorSource(self.generator, self.config.nz, batch_size, self.context.make_rng(stream=1),
-                               generator_train_mode=self.config.sample_generator_in_train_mode)
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"rng": self.rng.get_state()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.rng.set_state(state["rng"])
+    def term_weights(self) -> dict[str, float]:
+        return {"adversarial": self.config.adversarial_weight}
