@@ -15,4 +15,5 @@ METHODS: dict[str, type[Synthesizer]] = {
     "pre_dfkd": PreDFKD,
 }
 
-__all__ = ["METHODS", "DFAD", "DFADConfig", "DAFL", "DAFLConfig", "ZSKT", "ZSKTConfig", "DFQ", "DFQConfig"]
+__all__ = ["METHODS", "DFAD", "DFADConfig", "DAFL", "DAFLConfig", "ZSKT", "ZSKTConfig", "DFQ", "DFQConfig",
+           "PreDFKD", "PreDFKDConfig"]

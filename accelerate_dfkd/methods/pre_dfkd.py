@@ -504,4 +504,7 @@ class PreDFKD(Synthesizer):
         self.rng.set_state(state["rng"])
         self.vae_rng.set_state(state["vae_rng"])
         self.replay_rng.set_state(state["replay_rng"])
-        self.memory_latents.load_state_dict(state["memory_latents"])
+        latents = dict(state["memory_latents"])
+        if latents["value"] is not None:  # per-rank checkpoints are loaded on the CPU
+            latents["value"] = latents["value"].to(self.context.device)
+        self.memory_latents.load_state_dict(latents)

@@ -48,7 +48,8 @@ class PreDFKDGenerator(nn.Module):
         if nz < 1 or channels < 1 or ngf < 1:
             raise ValueError(f"nz, channels and ngf must be positive, got {nz}, {channels}, {ngf}")
         if image_size < 4 or image_size % 4:
-            raise ValueError(f"the PRE-DFKD generator needs image_size divisible by 4 (e.g. 8, 16, 32); got {image_size}")
+            raise ValueError(f"the PRE-DFKD generator needs image_size divisible by 4 (e.g. 8, 16, 32); "
+                             f"got {image_size}")
         self.nz = nz
         self.init_size = image_size // 4
         self.project = nn.Linear(nz, 2 * ngf * self.init_size**2)
