@@ -56,7 +56,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # name -> the models and generator of one row (images are channels x image_size x image_size)
 PRESETS: dict[str, dict[str, Any]] = {
     "digits": dict(teacher="digits_cnn", student="digits_cnn_half", generator="generator_a",
-                   channels=1, image_size=8, nz=256, ngf=64),  # recipes/digits/dfad.yaml
+                   channels=1, image_size=8, nz=100, ngf=32),  # recipes/digits/dfad.yaml
     "mnist": dict(teacher="lenet5", student="lenet5_half", generator="generator_a",
                   channels=1, image_size=32, nz=100, ngf=64),
     "cifar": dict(teacher="resnet34_8x", student="resnet18_8x", generator="generator_a",
