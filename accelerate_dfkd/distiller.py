@@ -184,11 +184,11 @@ class Distiller:
         for _ in range(cfg.gradient_accumulation_steps):
             batch = next(batches).to(acc.device)
             with acc.accumulate(self.student):
-                with acc.autocast():
+                with acc.autocast(), self.synthesizer.student_step_hooks(self.teacher, acc.unwrap_model(self.student)):
                     with torch.no_grad():
                         teacher_logits = logits_of(self.teacher(batch.images))
                     student_logits = logits_of(self.student(batch.images))
-                terms = self.synthesizer.student_losses(student_logits, teacher_logits, batch)
+                    terms = self.synthesizer.student_losses(student_logits, teacher_logits, batch)
                 acc.backward(sum(terms.values()))
                 if cfg.max_grad_norm and acc.sync_gradients:
                     acc.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)

@@ -128,3 +128,26 @@ def test_fp16_on_cpu_warns(tmp_path):
     cfg, method = small_configs(tmp_path, max_steps=1, mixed_precision="fp16")
     with pytest.warns(UserWarning, match="fp16 has no effect on CPU"):
         Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student())
+
+
+def test_segmentation_pair_distils_with_dense_l1(tmp_path):
+    """DFAD on dense outputs: the student loss is L1 over every pixel's logits and the generator
+    maximises -log(1 + L1) (task=segmentation); no top-1 evaluation for dense outputs."""
+
+    class TinySeg(torch.nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(1, width, 3, padding=1), torch.nn.BatchNorm2d(width),
+                                            torch.nn.ReLU(), torch.nn.Conv2d(width, 3, 1))
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    teacher = TinySeg(8).eval().requires_grad_(False)
+    cfg, method = small_configs(tmp_path, max_steps=4, task="segmentation", num_classes=3,
+                                student_steps_per_round=2, logging_steps=1)
+    results = Distiller(cfg, method, teacher=teacher, student=TinySeg(4)).train()
+    assert results["steps"] == 4 and results["student_top1"] is None
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(-1.0 < row["synthesis/adversarial"] <= 0 for row in log if "synthesis/adversarial" in row)

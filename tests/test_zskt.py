@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from accelerate_dfkd import Distiller, DistillConfig
+from accelerate_dfkd import Callback, Distiller, DistillConfig
 from accelerate_dfkd.config import ConfigError
 from accelerate_dfkd.evaluation import load_digits_split
 from accelerate_dfkd.methods.zskt import ZSKT, ZSKTConfig, attention_map, attention_transfer_loss
@@ -12,7 +12,7 @@ from accelerate_dfkd.synthesis import SynthesisContext
 from accelerate_dfkd.teachers import load_teacher
 
 from .conformance import SynthesizerConformance
-from .conftest import tiny_student, tiny_teacher
+from .conftest import small_configs, tiny_student, tiny_teacher
 
 
 class TestZSKTConformance(SynthesizerConformance):
@@ -84,3 +84,24 @@ def test_short_real_digits_run_beats_chance(tmp_path):
                         eval_data=load_digits_split("test")).train()
     assert results["teacher_top1"] > 95
     assert results["student_top1"] >= 30, results["student_top1"]
+
+
+def test_attention_transfer_reaches_the_student_through_the_loop(tmp_path):
+    """With attention_weight > 0 the loop captures both networks' stage outputs during the student
+    step; the term is logged, differentiable for the student, and the hooks are gone afterwards."""
+    cfg, _ = small_configs(tmp_path, max_steps=2, method="zskt", student_steps_per_round=1)
+    method = ZSKTConfig(nz=16, ngf=8, per_device_synthesis_batch_size=16, attention_weight=250.0,
+                        attention_layers=["features.1", "features.2"])
+    teacher, student = tiny_teacher(), tiny_student()
+    seen = []
+
+    class Watch(Callback):
+        def on_step_end(self, state, losses):
+            seen.append(sorted(losses))
+
+    Distiller(cfg, method, teacher=teacher, student=student, callbacks=[Watch()]).train()
+    assert seen and all(names == ["attention", "kd"] for names in seen)
+    for model in (teacher, student):
+        assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(ConfigError, match="attention_layers"):
+        ZSKTConfig(attention_weight=1.0).validate()

@@ -20,15 +20,16 @@ identically zero, implementations.md section 2.10.1; the CMI repo passes the stu
 Differences from the original (polo5/ZeroShotKnowledgeTransfer, implementations.md s.2.4): the
 original takes 10 student steps on the same pseudo batch, bs 128, z_dim 100, Adam for the student
 (2e-3), cosine schedules, gradient clipping at 5 and an attention-transfer term with beta = 250 on
-the outputs of the network's stages. zju-vipa drops AT and clipping, and so does this class: the
-attention-transfer term needs the student's intermediate features from the Distiller's student
-forward pass, which the loss hook (`student_losses(student_logits, teacher_logits, batch)`) does not
-see. `attention_transfer_loss` below is the term, ready for when it does.
+the outputs of the network's stages. zju-vipa drops AT and clipping, so AT is off by default here;
+`attention_weight: 250` with `attention_layers: [block1, block2, block3]` (the WRN stage outputs)
+switches the original's term on. Its features are captured by forward hooks that the loop enters
+around each student step (`student_step_hooks`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import torch
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from .. import losses
 from ..config import ConfigError
+from ..hooks import FeatureCapture
 from ..synthesis.generative import GenerativeConfig, GenerativeSynthesizer
 from ..utils import logits_of
 
@@ -68,8 +70,17 @@ class ZSKTConfig(GenerativeConfig):
     # learns on the batch the generator just made); the CMI repo samples in eval() mode.
     sample_generator_in_train_mode: bool = True
 
+    # Attention transfer (original ZSKT: beta = 250 on the outputs of WRN's three stages); zju-vipa: off.
+    attention_weight: float = 0.0
+    attention_layers: list[str] = field(default_factory=list)  # module names, the same in teacher and student
+
     def validate(self) -> None:
         super().validate()
+        if self.attention_weight < 0:
+            raise ConfigError(f"attention_weight must be >= 0, got {self.attention_weight}")
+        if self.attention_weight > 0 and not self.attention_layers:
+            raise ConfigError("attention_weight > 0 needs attention_layers: the names of the modules whose outputs "
+                              "are compared, e.g. --attention_layers [block1,block2,block3] for WRNs")
         if self.adversarial_weight <= 0:
             raise ConfigError(f"adversarial_weight must be positive: it is ZSKT's only generator loss, "
                               f"got {self.adversarial_weight}")
@@ -111,3 +122,25 @@ class ZSKT(GenerativeSynthesizer):
 
     def term_weights(self) -> dict[str, float]:
         return {"adversarial": self.config.adversarial_weight}
+
+    def student_step_hooks(self, teacher: nn.Module, student: nn.Module) -> contextlib.AbstractContextManager:
+        self._captures: tuple[list[FeatureCapture], list[FeatureCapture]] = ([], [])
+        if self.config.attention_weight <= 0:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for which, model in zip(self._captures, (teacher, student)):
+            modules = dict(model.named_modules())
+            for name in self.config.attention_layers:
+                if name not in modules:
+                    raise ConfigError(f"attention layer {name!r} is not a module of {type(model).__name__}; "
+                                      f"known top-level names: {[n for n, _ in model.named_children()]}")
+                which.append(stack.enter_context(FeatureCapture(modules[name])))
+        return stack
+
+    def student_losses(self, student_logits: Tensor, teacher_logits: Tensor, batch) -> dict[str, Tensor]:
+        terms = super().student_losses(student_logits, teacher_logits, batch)
+        teacher_caps, student_caps = getattr(self, "_captures", ([], []))
+        if self.config.attention_weight > 0 and student_caps:
+            at = attention_transfer_loss([c.value for c in student_caps], [c.value.detach() for c in teacher_caps])
+            terms["attention"] = self.config.attention_weight * at
+        return terms

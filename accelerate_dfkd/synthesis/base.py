@@ -143,6 +143,12 @@ class Synthesizer(ABC):
             return {"kd": losses.l1_logits(student_logits, teacher_logits, weights=batch.weights)}
         return {"kd": losses.kd_kl(student_logits, teacher_logits, self.config.temperature, weights=batch.weights)}
 
+    def student_step_hooks(self, teacher: nn.Module, student: nn.Module) -> contextlib.AbstractContextManager:
+        """Entered by the loop around the teacher and student forwards of every student step, so a
+        loss hook that needs intermediate features (ZSKT's attention transfer) can capture them
+        with forward hooks that are removed when the step is done. Nothing by default."""
+        return contextlib.nullcontext()
+
     def modules(self) -> dict[str, nn.Module]:
         """Networks this synthesizer trains (for devices, grids and state)."""
         return {}
