@@ -19,6 +19,7 @@ from .config import ConfigError, DistillConfig, describe_keys, load_recipe, pars
 USAGE = """usage: accelerate-dfkd RECIPE.yaml [--key value ...]
        accelerate launch [launch args] -m accelerate_dfkd RECIPE.yaml [--key value ...]
        accelerate-dfkd --help-keys [--method NAME]    list every recipe key and its default
+       accelerate-dfkd train-teacher RECIPE.yaml [--key value ...]   train a teacher on real data
 
 Recipes: recipes/<dataset>/<method>.yaml. Any recipe key can be overridden on the command line,
 e.g. --max_steps 20 --output_dir runs/x --seed 1 --resume_from_checkpoint latest."""
@@ -75,6 +76,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if method not in METHODS:
                 raise ConfigError(f"unknown method {method!r}; known: {sorted(METHODS)}")
             print(describe_keys(METHODS[method].config_class))
+            return 0
+        if argv[0] == "train-teacher":
+            from .train_teacher import main as train_teacher_main
+
+            argv = argv[1:]
+            recipe, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith("--") else (None, argv)
+            train_teacher_main(recipe, parse_overrides(rest))
             return 0
         recipe, rest = (argv[0], argv[1:]) if not argv[0].startswith("--") else (None, argv)
         run(recipe, parse_overrides(rest))

@@ -189,11 +189,8 @@ def parse_overrides(argv: list[str]) -> dict[str, str]:
     return out
 
 
-def load_recipe(path: Optional[str | Path], overrides: Optional[dict[str, Any]] = None,
-                methods: Optional[dict[str, type]] = None) -> tuple[DistillConfig, MethodConfig]:
-    """Read a flat YAML recipe, apply overrides, and split it into the loop and method configs."""
-    if methods is None:
-        from .methods import METHODS as methods  # noqa: N811 (late import: methods import config)
+def read_recipe(path: Optional[str | Path], overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """A flat YAML mapping with command-line overrides applied on top."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -204,28 +201,42 @@ def load_recipe(path: Optional[str | Path], overrides: Optional[dict[str, Any]] 
             raise ConfigError(f"recipe {path} must be a flat YAML mapping of key: value")
         raw.update(loaded)
     raw.update(overrides or {})
+    return raw
 
+
+def build_configs(raw: dict[str, Any], classes: list[type], context: str = "") -> list[Any]:
+    """Split flat keys over dataclasses (the first that has a field takes it), typed and validated.
+    An unknown key is an error naming the closest known key."""
+    fields = [_fields(cls) for cls in classes]
+    known = sorted({name for f in fields for name in f})
+    kwargs: list[dict[str, Any]] = [{} for _ in classes]
+    for key, value in raw.items():
+        for f, kw in zip(fields, kwargs):
+            if key in f:
+                kw[key] = coerce(key, value, f[key])
+                break
+        else:
+            raise ConfigError(f"unknown key {key!r}{context}." + _did_you_mean(key, known)
+                              + " Run `accelerate-dfkd --help-keys` to list every key.")
+    configs = [cls(**kw) for cls, kw in zip(classes, kwargs)]
+    for cfg in configs:
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+    return configs
+
+
+def load_recipe(path: Optional[str | Path], overrides: Optional[dict[str, Any]] = None,
+                methods: Optional[dict[str, type]] = None) -> tuple[DistillConfig, MethodConfig]:
+    """Read a flat YAML recipe, apply overrides, and split it into the loop and method configs."""
+    if methods is None:
+        from .methods import METHODS as methods  # noqa: N811 (late import: methods import config)
+    raw = read_recipe(path, overrides)
     method = str(raw.get("method", DistillConfig.method))
     if method not in methods:
         raise ConfigError(f"unknown method {method!r}; known: {sorted(methods)}." + _did_you_mean(method, list(methods)))
-    method_cls = methods[method].config_class
-    loop_fields, method_fields = _fields(DistillConfig), _fields(method_cls)
-    known = sorted(set(loop_fields) | set(method_fields))
-    loop_kwargs, method_kwargs = {}, {}
-    for key, value in raw.items():
-        if key in loop_fields:
-            loop_kwargs[key] = coerce(key, value, loop_fields[key])
-        elif key in method_fields:
-            method_kwargs[key] = coerce(key, value, method_fields[key])
-        else:
-            where = f" in {path}" if path is not None else ""
-            raise ConfigError(f"unknown key {key!r}{where} for method {method!r}." + _did_you_mean(key, known)
-                              + " Run `accelerate-dfkd --help-keys` to list every key.")
-    config = DistillConfig(**loop_kwargs)
-    method_config = method_cls(**method_kwargs)
-    config.validate()
-    if hasattr(method_config, "validate"):
-        method_config.validate()
+    where = f" in {path}" if path is not None else ""
+    config, method_config = build_configs(raw, [DistillConfig, methods[method].config_class],
+                                          f"{where} for method {method!r}")
     return config, method_config
 
 
