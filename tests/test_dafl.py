@@ -3,16 +3,12 @@
 import pytest
 import torch
 
-from accelerate_dfkd import Distiller, DistillConfig
 from accelerate_dfkd.config import ConfigError
-from accelerate_dfkd.evaluation import load_digits_split
 from accelerate_dfkd.methods.dafl import DAFL, DAFLConfig
-from accelerate_dfkd.models import build_model
 from accelerate_dfkd.synthesis import SynthesisContext
-from accelerate_dfkd.teachers import load_teacher
 
 from .conformance import SynthesizerConformance
-from .conftest import tiny_student, tiny_teacher
+from .conftest import short_digits_run, tiny_student, tiny_teacher
 
 
 class TestDAFLConformance(SynthesizerConformance):
@@ -86,13 +82,5 @@ def test_pixel_generators_and_bad_weights_are_config_errors():
 def test_short_real_digits_run_beats_chance(tmp_path):
     """80 student steps (16 generator steps) on the built-in digits teacher (about 98.9 % top-1).
     Observed: 51.5 % on the held-out digits (seeds 0-2: 51-67 %; chance: 10 %)."""
-    teacher = load_teacher("digits_cnn", "pretrained:digits", num_classes=10, in_channels=1, image_size=8)
-    torch.manual_seed(0)
-    student = build_model("digits_cnn_half", 10, in_channels=1)
-    config = DistillConfig(method="dafl", output_dir=str(tmp_path / "run"), max_steps=80, eval_steps=0, save_steps=0,
-                           report_to="none", progress_bar=False, teacher_checkpoint="python", eval_dataset="digits",
-                           per_device_train_batch_size=128)
-    results = Distiller(config, DAFLConfig(per_device_synthesis_batch_size=128), teacher=teacher, student=student,
-                        eval_data=load_digits_split("test")).train()
-    assert results["teacher_top1"] > 95
+    results = short_digits_run(tmp_path, "dafl", DAFLConfig(per_device_synthesis_batch_size=128), max_steps=80)
     assert results["student_top1"] >= 30, results["student_top1"]
