@@ -1,10 +1,10 @@
 """Synthetic data: the write side (Synthesizer) and the read side (sources, replay buffers)."""
 
-from .base import SynthesisContext, SynthesisOutput, Synthesizer, SyntheticBatch
-from .replay import ReplayBuffer
-from .sources import DataLoaderSource, GeneratorSource, MixedSource, ReplaySource, SyntheticSource
-from .replay import PriorityReplayBuffer, PrioritySource
 from .augment import Augment, random_crop_with_padding, random_horizontal_flip, random_resized_crop
+from .base import SynthesisContext, SynthesisOutput, Synthesizer, SyntheticBatch
+from .replay import PriorityReplayBuffer, ReplayBuffer
+from .sources import (DataLoaderSource, GeneratorSource, MixedSource, PrioritySource, ReplaySource,
+                      SyntheticSource)
 
 __all__ = [
     "SynthesisContext", "SynthesisOutput", "Synthesizer", "SyntheticBatch", "ReplayBuffer",

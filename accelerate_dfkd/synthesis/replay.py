@@ -260,27 +260,3 @@ class PriorityReplayBuffer:
             self.images = torch.empty((self.capacity, *stored.shape[1:]), dtype=self.dtype, device=self.device)
             self.images[: self.size] = stored
         self._rebuild()
-
-
-# Imported here, after the buffers are defined, because sources.py imports ReplayBuffer from this
-# module (the package __init__ imports replay before sources, so this order always holds).
-from .base import SyntheticBatch  # noqa: E402
-from .sources import SyntheticSource  # noqa: E402
-
-
-class PrioritySource(SyntheticSource):
-    """Prioritised samples from a PriorityReplayBuffer, with their slots (`indices`, for
-    `update_priorities`) and normalised importance-sampling weights (`weights`, per-sample loss weights)."""
-
-    def __init__(self, buffer: PriorityReplayBuffer, batch_size: int, rng: torch.Generator) -> None:
-        self.buffer, self.batch_size, self.rng = buffer, batch_size, rng
-
-    def next_batch(self) -> SyntheticBatch:
-        images, idx, weights = self.buffer.sample(self.batch_size, self.rng)
-        return SyntheticBatch(images=images, weights=weights, indices=idx)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.set_state(state["rng"])

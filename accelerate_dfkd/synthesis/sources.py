@@ -16,7 +16,7 @@ from torch.utils.data import IterableDataset
 
 from ..hooks import training_mode
 from .base import SyntheticBatch
-from .replay import ReplayBuffer
+from .replay import PriorityReplayBuffer, ReplayBuffer
 
 
 class SyntheticSource(IterableDataset):
@@ -82,6 +82,24 @@ class ReplaySource(SyntheticSource):
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": _rng_state(self.rng)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.set_state(state["rng"])
+
+
+class PrioritySource(SyntheticSource):
+    """Prioritised samples from a PriorityReplayBuffer, with their slots (`indices`, for
+    `update_priorities`) and normalised importance-sampling weights (`weights`, per-sample loss weights)."""
+
+    def __init__(self, buffer: PriorityReplayBuffer, batch_size: int, rng: torch.Generator) -> None:
+        self.buffer, self.batch_size, self.rng = buffer, batch_size, rng
+
+    def next_batch(self) -> SyntheticBatch:
+        images, idx, weights = self.buffer.sample(self.batch_size, self.rng)
+        return SyntheticBatch(images=images, weights=weights, indices=idx)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.set_state(state["rng"])
