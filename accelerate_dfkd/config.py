@@ -64,7 +64,8 @@ class DistillConfig:
     max_steps: int = 1000
     per_device_train_batch_size: int = 256
     gradient_accumulation_steps: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # None: whatever the launcher says (`accelerate launch --mixed_precision`, a config file), else "no".
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     # Student optimizer (SGD with momentum in every reference script, implementations.md s.3).
     learning_rate: float = 0.1
     momentum: float = 0.9

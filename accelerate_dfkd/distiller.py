@@ -50,17 +50,24 @@ def make_accelerator(config: DistillConfig) -> Accelerator:
 
     Without `cpu=True`, ranks started by torchrun or `accelerate launch --multi_gpu` on a machine
     without CUDA silently run alone, each believing it is rank 0 (environment.md section 2).
+    `mixed_precision: null` (the default) leaves the choice to the launcher.
     """
     on_cpu = not torch.cuda.is_available()
-    if on_cpu and config.mixed_precision == "fp16":
+    log_with = None if config.report_to == "none" else config.report_to
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              log_with=log_with, project_dir=config.output_dir)
+    precision = str(accelerator.mixed_precision)
+    if on_cpu and precision == "fp16":
         warnings.warn("mixed_precision=fp16 has no effect on CPU (Accelerate silently runs fp32 there); "
                       "use a GPU, or bf16 (which runs on CPU but is 10-20x slower without AVX512-BF16/AMX)")
-    elif on_cpu and config.mixed_precision == "bf16":
+    elif on_cpu and precision == "bf16":
         warnings.warn("mixed_precision=bf16 on CPU runs, but 10-20x slower than fp32 on CPUs without native bf16")
-    log_with = None if config.report_to == "none" else config.report_to
-    return Accelerator(cpu=on_cpu, mixed_precision=config.mixed_precision,
-                       gradient_accumulation_steps=config.gradient_accumulation_steps,
-                       log_with=log_with, project_dir=config.output_dir)
+    if accelerator.state.deepspeed_plugin is not None:
+        # No DataLoader goes through prepare(), so DeepSpeed cannot infer its micro-batch size.
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = \
+            config.per_device_train_batch_size
+    return accelerator
 
 
 def lr_multiplier(config: DistillConfig, step: int) -> float:

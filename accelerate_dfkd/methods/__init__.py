@@ -2,6 +2,7 @@
 
 from ..synthesis import Synthesizer
 from .dafl import DAFL, DAFLConfig
+from .deepinversion import DeepInversion, DeepInversionConfig
 from .dfad import DFAD, DFADConfig
 from .dfq import DFQ, DFQConfig
 from .pre_dfkd import PreDFKD, PreDFKDConfig
@@ -13,7 +14,8 @@ METHODS: dict[str, type[Synthesizer]] = {
     "zskt": ZSKT,
     "dfq": DFQ,
     "pre_dfkd": PreDFKD,
+    "deepinversion": DeepInversion,
 }
 
 __all__ = ["METHODS", "DFAD", "DFADConfig", "DAFL", "DAFLConfig", "ZSKT", "ZSKTConfig", "DFQ", "DFQConfig",
-           "PreDFKD", "PreDFKDConfig"]
+           "PreDFKD", "PreDFKDConfig", "DeepInversion", "DeepInversionConfig"]
