@@ -36,7 +36,7 @@ from .callbacks import (BestStudentCallback, Callback, CallbackHandler, ImageGri
                         TimingCallback, TrainerState)
 from .config import ConfigError, DistillConfig, MethodConfig, flat_dict
 from .evaluation import LabeledImages, evaluate_top1
-from .hooks import BatchNormStatistics
+from .hooks import has_batchnorm
 from .methods import METHODS
 from .teachers import check_classifier_output
 from .synthesis import SynthesisContext, Synthesizer, SyntheticBatch, SyntheticSource
@@ -103,11 +103,10 @@ class Distiller:
         image_shape = (config.in_channels, config.image_size, config.image_size)
         check_classifier_output(teacher, "teacher", image_shape, config.num_classes, task=config.task)
         check_classifier_output(student, "student", image_shape, config.num_classes, task=config.task)
-        if self.synthesizer_class.needs_batchnorm_teacher:
-            try:
-                BatchNormStatistics(teacher).remove()
-            except ValueError as err:  # a teacher without BatchNorm: say so instead of crashing later
-                raise ConfigError(f"method {config.method!r} matches the teacher's BatchNorm statistics: {err}") from None
+        if self.synthesizer_class.needs_batchnorm_teacher and not has_batchnorm(teacher):
+            raise ConfigError(f"method {config.method!r} matches the teacher's BatchNorm statistics, but "
+                              f"{type(teacher).__name__} has no BatchNorm2d layer: use a teacher with BatchNorm, "
+                              "or a method without a BN-statistics term (e.g. dfad)")
 
         acc = self.accelerator
         # Frozen and never wrapped: no DDP, no optimizer, not part of save_state (DESIGN.md fact 4).

@@ -237,6 +237,11 @@ class BatchNormStatistics(_HookScope):
         self.state.update(self)
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether BN-statistics terms can be computed on this model (LeNet-5 and ViTs cannot)."""
+    return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[nn.Module]:
     """Temporarily `requires_grad_(False)` on every parameter, restoring each flag on exit.

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, MethodConfig
-from ..hooks import BatchNormStatistics, frozen, training_mode
+from ..hooks import BatchNormStatistics, frozen, has_batchnorm, training_mode
 from ..synthesis.augment import random_crop_with_padding, random_horizontal_flip
 from ..synthesis.base import SynthesisOutput, Synthesizer, SyntheticBatch
 from ..synthesis.replay import ReplayBuffer
@@ -197,7 +197,7 @@ class DeepInversion(Synthesizer):
     def __init__(self, config: DeepInversionConfig, teacher: nn.Module, **kwargs: Any) -> None:
         super().__init__(config, teacher, **kwargs)
         config.validate()
-        if config.bn_weight > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules()):
+        if config.bn_weight > 0 and not has_batchnorm(teacher):
             raise ConfigError(
                 f"DeepInversion matches the teacher's BatchNorm statistics; {type(teacher).__name__} has no "
                 "BatchNorm2d layer (LeNet-5 has none): use a teacher with BatchNorm, or a method without a "

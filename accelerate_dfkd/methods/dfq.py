@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .. import losses
 from ..config import ConfigError
-from ..hooks import BatchNormStatistics
+from ..hooks import BatchNormStatistics, has_batchnorm
 from ..synthesis.generative import GenerativeConfig, GenerativeSynthesizer
 from ..utils import logits_of
 
@@ -82,7 +82,7 @@ class DFQ(GenerativeSynthesizer):
     needs_batchnorm_teacher = False
 
     def __init__(self, config: DFQConfig, teacher: nn.Module, **kwargs: Any) -> None:
-        if config.bn_weight > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules()):
+        if config.bn_weight > 0 and not has_batchnorm(teacher):
             raise ConfigError(
                 f"DFQ's BN-statistics term needs a teacher with BatchNorm; {type(teacher).__name__} has no "
                 "BatchNorm2d layer (LeNet-5 has none): set --bn_weight 0 for DFQ-without-BN")
