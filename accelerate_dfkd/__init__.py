@@ -14,9 +14,25 @@ from .synthesis import (DataLoaderSource, GeneratorSource, MixedSource, ReplayBu
 
 __version__ = "0.1.0"
 
+# The integrations import transformers / datasets, so they load on first use (PEP 562): a plain
+# `import accelerate_dfkd` (the CLI, every rank of a launch) does not pay for them.
+_INTEGRATIONS = {
+    "SyntheticDataset": "trainer", "SyntheticDataCallback": "trainer",
+    "DatasetSource": "datasets_io", "export_synthetic_dataset": "datasets_io", "load_synthetic_dataset": "datasets_io",
+}
+
+
+def __getattr__(name: str):
+    if name in _INTEGRATIONS:
+        import importlib
+
+        return getattr(importlib.import_module(f".integrations.{_INTEGRATIONS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "Callback", "TrainerState", "ConfigError", "DistillConfig", "MethodConfig", "load_recipe", "Distiller",
     "METHODS", "MODELS", "GENERATORS", "build_model", "build_generator", "DataLoaderSource", "GeneratorSource",
     "MixedSource", "ReplayBuffer", "ReplaySource", "SynthesisContext", "SynthesisOutput", "Synthesizer",
-    "SyntheticBatch", "SyntheticSource",
+    "SyntheticBatch", "SyntheticSource", *_INTEGRATIONS,
 ]

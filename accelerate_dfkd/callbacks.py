@@ -45,6 +45,7 @@ class TrainerState:
     eval_history: list[tuple[int, float]] = field(default_factory=list)
     synthesis_seconds: float = 0.0
     distill_seconds: float = 0.0
+    wall_seconds: float = 0.0     # the loop's wall clock, summed over resumed segments
     # runtime only (not saved)
     output_dir: Path = field(default_factory=Path, metadata={"runtime": True})
     is_main_process: bool = field(default=True, metadata={"runtime": True})
@@ -96,6 +97,24 @@ class TimingCallback(Callback):
 
     def __init__(self) -> None:
         self._start: Optional[float] = None
+        self._wall_mark: Optional[float] = None
+
+    def _wall(self, state: TrainerState) -> None:
+        """Wall clock since the last mark into `state.wall_seconds`: updated at every event that can
+        precede a checkpoint or the results, so a resumed run continues from the saved total."""
+        now = time.perf_counter()
+        if self._wall_mark is not None:
+            state.wall_seconds += now - self._wall_mark
+        self._wall_mark = now
+
+    def on_train_start(self, state: TrainerState) -> None:
+        self._wall_mark = time.perf_counter()
+
+    def on_evaluate(self, state: TrainerState, metrics: dict[str, float], student: nn.Module) -> None:
+        self._wall(state)
+
+    def on_save(self, state: TrainerState, checkpoint_dir: Path) -> None:
+        self._wall(state)
 
     def _tic(self, state: TrainerState) -> None:
         synchronize(state.device)
@@ -118,6 +137,7 @@ class TimingCallback(Callback):
 
     def on_step_end(self, state: TrainerState, losses: dict[str, Tensor]) -> None:
         state.distill_seconds += self._toc(state)
+        self._wall(state)
 
 
 class ProgressCallback(Callback):

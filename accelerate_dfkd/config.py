@@ -34,6 +34,9 @@ class MethodConfig:
     temperature: float = 1.0
     # Student optimizer steps between two synthesis rounds (`kd_steps` in the zju-vipa loop).
     student_steps_per_round: int = 1
+    # Synthesis-only rounds before the first student step (FastDFKD: 20 warm-up epochs of synthesis
+    # without KD, Fast-Datafree datafree_kd.py `if epoch >= args.warmup: train(...)`). 0: none.
+    warmup_rounds: int = 0
 
 
 @dataclass
@@ -42,19 +45,31 @@ class DistillConfig:
 
     method: str = "dfad"
     # --- models -------------------------------------------------------------------------
+    # A zoo name (models.MODELS), or hf:<dir or hub id> for a transformers model (integrations/hf_models.py;
+    # the same for `student`).
     teacher: str = "digits_cnn"
     # A path (.safetensors, or a torch state dict loaded with weights_only=True), or
-    # "pretrained:digits": train on the fixed 70% digits split once and cache it.
+    # "pretrained:digits": train on the fixed 70% digits split once and cache it ("pretrained:shapes":
+    # the same for the segmentation demo, on the procedural shapes train split).
+    # Optional for an hf: teacher (its weights come with it; a file given here is loaded on top).
     teacher_checkpoint: Optional[str] = None
     student: str = "digits_cnn_small"
     student_checkpoint: Optional[str] = None
     num_classes: int = 10
     in_channels: int = 1
     image_size: int = 8
+    # segmentation: per-pixel logits (N, num_classes, H, W), scored by mIoU (eval/miou) on per-pixel labels
     task: Literal["classification", "segmentation"] = "classification"
     # --- real data, for evaluation only (a DFKD method never trains on it) ---------------
-    eval_dataset: Literal["digits", "mnist", "none"] = "digits"
+    # digits, mnist, shapes (segmentation), cifar10_jpeg, imagefolder:<folder> or none
+    # (evaluation.load_eval_set says which exist).
+    eval_dataset: str = "digits"
     data_dir: Optional[str] = None
+    # Normalisation of real evaluation images, per channel for pixels in [0, 1]. None: the teacher's own
+    # (a transformers image processor's), else the data set's default (evaluation.load_eval_set).
+    image_mean: Optional[list[float]] = None
+    image_std: Optional[list[float]] = None
+    eval_max_samples: Optional[int] = None  # a fixed random subset of the evaluation set (None: all of it)
     eval_steps: int = 100
     per_device_eval_batch_size: int = 512
     # --- the loop -------------------------------------------------------------------------
@@ -98,7 +113,7 @@ class DistillConfig:
             raise ConfigError(f"save_total_limit must be >= 1, got {self.save_total_limit}")
         if self.lr_scheduler == "multistep" and not self.lr_milestones:
             raise ConfigError("lr_scheduler=multistep needs lr_milestones, e.g. --lr_milestones [100,200]")
-        if self.teacher_checkpoint is None:
+        if self.teacher_checkpoint is None and not self.teacher.startswith("hf:"):
             raise ConfigError(
                 "no teacher_checkpoint: set it to a weights file (.safetensors or a torch state dict), "
                 "or to 'pretrained:digits' for the built-in digits teacher")

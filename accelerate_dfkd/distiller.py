@@ -35,9 +35,10 @@ from . import checkpointing
 from .callbacks import (BestStudentCallback, Callback, CallbackHandler, ImageGridCallback, ProgressCallback,
                         TimingCallback, TrainerState)
 from .config import ConfigError, DistillConfig, MethodConfig, flat_dict
-from .evaluation import LabeledImages, evaluate_top1
+from .evaluation import LabeledImages, evaluate_classifier, resolve_input_normalization
 from .hooks import has_batchnorm
 from .methods import METHODS
+from .report import ReportCallback
 from .teachers import check_classifier_output
 from .synthesis import SynthesisContext, Synthesizer, SyntheticBatch, SyntheticSource
 from .utils import logits_of
@@ -85,17 +86,23 @@ class Distiller:
     """Distils `teacher` into `student` with a method's synthetic data, under Accelerate.
 
     `teacher` and `student` are any nn.Modules returning logits (or an object with `.logits`);
-    `eval_data` is the real held-out set (None: no evaluation). `train()` returns the results dict
+    `eval_data` is the real held-out set (None: no evaluation); `eval_metrics` ({name: metric}:
+    torchmetrics metrics, `evaluate` modules, see evaluation.evaluate_classifier) are logged as
+    eval/<name> next to the built-in eval/top1 and eval/top5. `train()` returns the results dict
     that is also written to OUTPUT_DIR/results.json.
     """
 
     def __init__(self, config: DistillConfig, method_config: MethodConfig, *, teacher: nn.Module,
                  student: nn.Module, eval_data: Optional[LabeledImages] = None,
-                 callbacks: Sequence[Callback] = (), accelerator: Optional[Accelerator] = None) -> None:
+                 callbacks: Sequence[Callback] = (), accelerator: Optional[Accelerator] = None,
+                 eval_metrics: Optional[dict[str, Any]] = None) -> None:
         self.config, self.method_config = config, method_config
         self.output_dir = Path(config.output_dir)
         self.accelerator = accelerator or make_accelerator(config)
         self.eval_data = eval_data
+        self.eval_metrics = dict(eval_metrics or {})
+        self._last_scores: dict[str, float] = {}  # of the last _top1() call: top1, top5, eval_metrics
+        self._teacher_scores: dict[str, float] = {}
         self.synthesizer_class = METHODS[config.method]
         if not isinstance(method_config, self.synthesizer_class.config_class):
             raise ConfigError(f"method {config.method!r} needs a {self.synthesizer_class.config_class.__name__}, "
@@ -103,6 +110,15 @@ class Distiller:
         image_shape = (config.in_channels, config.image_size, config.image_size)
         check_classifier_output(teacher, "teacher", image_shape, config.num_classes, task=config.task)
         check_classifier_output(student, "student", image_shape, config.num_classes, task=config.task)
+        # The headline metric: top-1 (classification) or mean IoU (segmentation), logged as eval/<metric> and
+        # written as <who>_<metric> in results.json; the TrainerState fields *_top1 hold it, whichever it is.
+        self.metric = "top1" if config.task == "classification" else "miou"
+        if eval_data is not None and (eval_data.labels.dim() == 3) != (config.task == "segmentation"):
+            raise ConfigError(f"eval set {eval_data.name} has labels of shape {tuple(eval_data.labels.shape[1:])} per "
+                              f"item, which does not fit task={config.task}: per-pixel labels go with segmentation, "
+                              "one class per image with classification; choose another eval_dataset or task")
+        if method_config.warmup_rounds < 0:
+            raise ConfigError(f"warmup_rounds must be >= 0 (0: no warm-up), got {method_config.warmup_rounds}")
         if self.synthesizer_class.needs_batchnorm_teacher and not has_batchnorm(teacher):
             raise ConfigError(f"method {config.method!r} matches the teacher's BatchNorm statistics, but "
                               f"{type(teacher).__name__} has no BatchNorm2d layer: use a teacher with BatchNorm, "
@@ -113,9 +129,13 @@ class Distiller:
         self.teacher = teacher.eval().requires_grad_(False).to(acc.device)
         # Same seed on every rank: identical generator initialisation (its gradients are averaged).
         torch.manual_seed(config.seed)
+        # The teacher's input normalisation (recipe > the teacher's declared one > the eval set's), for
+        # methods that make [0, 1] images; None when unknown.
+        normalization = resolve_input_normalization(config.image_mean, config.image_std, teacher, eval_data)
+        mean, std = normalization or (None, None)
         self.synthesizer: Synthesizer = self.synthesizer_class(
-            method_config, self.teacher, image_shape=image_shape,
-            num_classes=config.num_classes, context=SynthesisContext.from_accelerator(acc, config.seed),
+            method_config, self.teacher, image_shape=image_shape, num_classes=config.num_classes,
+            context=SynthesisContext.from_accelerator(acc, config.seed, image_mean=mean, image_std=std),
             task=config.task)
         self.source: SyntheticSource = self.synthesizer.build_source(config.per_device_train_batch_size)
 
@@ -129,11 +149,12 @@ class Distiller:
 
         self.state = TrainerState(max_steps=config.max_steps, output_dir=self.output_dir,
                                   is_main_process=acc.is_main_process, device=acc.device)
-        builtins: list[Callback] = [TimingCallback(), BestStudentCallback()]
+        builtins: list[Callback] = [TimingCallback(), BestStudentCallback(f"eval/{self.metric}")]
         if config.progress_bar:
             builtins.append(ProgressCallback(every=config.logging_steps or 10))
         if config.image_grid_rounds:
             builtins.append(ImageGridCallback(config.image_grid_rounds, upscale=max(1, 64 // config.image_size)))
+        builtins.append(ReportCallback(acc, upscale=max(1, 64 // config.image_size)))  # OUTPUT_DIR/report.md
         self.callbacks = CallbackHandler([*builtins, *callbacks])
         self._last_synthesis_losses: dict[str, Tensor] = {}
 
@@ -143,6 +164,7 @@ class Distiller:
         resume = self._prepare_output_dir()
         if self.eval_data is not None:
             state.teacher_top1 = self._top1(self.teacher)
+            self._teacher_scores = dict(self._last_scores)
         if resume is not None:
             self._load(resume)
         if cfg.report_to != "none":
@@ -150,6 +172,10 @@ class Distiller:
         self.callbacks.on_train_start(state)
 
         batches = iter(self.source)
+        # Warm-up: synthesis rounds without student steps (FastDFKD). Checkpoints are only written after
+        # student steps, so a resumed run is always past its warm-up.
+        while state.global_step == 0 and state.rounds < self.method_config.warmup_rounds:
+            self._synthesis_round()
         while state.global_step < cfg.max_steps:
             if state.global_step % self.method_config.student_steps_per_round == 0:
                 self._synthesis_round()
@@ -167,6 +193,9 @@ class Distiller:
         results = self._results(final_top1)
         self._write_outputs(results)
         self.callbacks.on_train_end(state, results)
+        # Ranks leave together: a gloo rank that tears its process group down while another is
+        # still writing the report can abort at exit ("terminate called without an active exception").
+        acc.wait_for_everyone()
         acc.end_training()
         return results
 
@@ -196,6 +225,8 @@ class Distiller:
                     student_logits = logits_of(self.student(batch.images))
                     terms = self.synthesizer.student_losses(student_logits, teacher_logits, batch)
                 acc.backward(sum(terms.values()))
+                # Feedback from this micro-batch to the method's data (SSD-KD: replay priorities).
+                self.synthesizer.after_student_step(batch, student_logits.detach(), teacher_logits.detach())
                 if cfg.max_grad_norm and acc.sync_gradients:
                     acc.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
@@ -207,10 +238,13 @@ class Distiller:
 
     # --- evaluation, logging --------------------------------------------------------------------
     def _top1(self, model: nn.Module) -> float:
+        """Top-1 of `model`; every score (top5, eval_metrics) is kept in `_last_scores`."""
         acc = self.accelerator
-        return evaluate_top1(model, self.eval_data, num_classes=self.config.num_classes,
-                             batch_size=self.config.per_device_eval_batch_size, device=acc.device,
-                             process_index=acc.process_index, num_processes=acc.num_processes)
+        self._last_scores = evaluate_classifier(
+            model, self.eval_data, num_classes=self.config.num_classes,
+            batch_size=self.config.per_device_eval_batch_size, device=acc.device,
+            process_index=acc.process_index, num_processes=acc.num_processes, metrics=self.eval_metrics)
+        return self._last_scores[self.metric]
 
     def _average_buffers(self, include_synthesizer: bool = False) -> None:
         """Average BatchNorm running statistics over ranks. DDP broadcasts rank 0's buffers before
@@ -235,7 +269,13 @@ class Distiller:
         student = self.accelerator.unwrap_model(self.student)
         top1 = self._top1(student)
         self.state.eval_history.append((self.state.global_step, top1))
-        metrics = {"eval/top1": top1}
+        # PRE-DFKD's robustness metrics, running: a user without a validation set gets the final
+        # value, so the spread over training is logged next to it, not only the maximum.
+        history = [value for _, value in self.state.eval_history]
+        m = self.metric
+        metrics = {f"eval/{m}": top1, f"eval/best_{m}": max(history), f"eval/mean_{m}": statistics.fmean(history),
+                   f"eval/var_{m}": statistics.pvariance(history)}
+        metrics.update({f"eval/{name}": value for name, value in self._last_scores.items() if name != m})
         self.callbacks.on_evaluate(self.state, metrics, student=student)
         self._log_scalars(metrics)
         return top1
@@ -277,7 +317,8 @@ class Distiller:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 shutil.rmtree(self.output_dir / "checkpoints", ignore_errors=True)
-                for name in ("results.json", "log.jsonl", "student.safetensors", "best_student.safetensors"):
+                for name in ("results.json", "log.jsonl", "student.safetensors", "best_student.safetensors",
+                             "report.md"):
                     (self.output_dir / name).unlink(missing_ok=True)
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -306,16 +347,18 @@ class Distiller:
         history = [top1 for _, top1 in state.eval_history]
         times = torch.tensor([state.synthesis_seconds, state.distill_seconds], device=acc.device)
         times = acc.reduce(times, reduction="mean") if acc.num_processes > 1 else times
+        m = self.metric  # top1 or miou: the keys say which
         return {
             "method": self.config.method,
             "teacher": self.config.teacher,
             "student": self.config.student,
-            "teacher_top1": state.teacher_top1,
-            "student_top1": final_top1,
-            "best_student_top1": state.best_top1,
+            "metric": m,
+            f"teacher_{m}": state.teacher_top1,
+            f"student_{m}": final_top1,
+            f"best_student_{m}": state.best_top1,
             "best_step": state.best_step,
-            "mean_student_top1": statistics.fmean(history) if history else None,
-            "var_student_top1": statistics.pvariance(history) if len(history) > 1 else None,
+            f"mean_student_{m}": statistics.fmean(history) if history else None,
+            f"var_student_{m}": statistics.pvariance(history) if len(history) > 1 else None,
             "student_over_teacher": (final_top1 / state.teacher_top1
                                      if final_top1 is not None and state.teacher_top1 else None),
             "steps": state.global_step,
@@ -323,7 +366,11 @@ class Distiller:
             "world_size": acc.num_processes,
             "synthesis_seconds": float(times[0]),
             "distill_seconds": float(times[1]),
+            "wall_seconds": state.wall_seconds,  # the main process's (results.json is written by it)
             "eval_history": state.eval_history,
+            # every score of the teacher and of the final student: top1, top5, eval_metrics
+            "teacher_scores": self._teacher_scores,
+            "student_scores": self._last_scores if final_top1 is not None else {},
             "config": {**asdict(self.config), **asdict(self.method_config)},
         }
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import ConfigError
-from .evaluation import LabeledImages, load_digits_split
+from .evaluation import IGNORE_INDEX, LabeledImages, load_digits_split, load_shapes_split
 from .models import build_model, load_checkpoint_into
 from .utils import logits_of
 
@@ -26,7 +26,8 @@ def cache_dir() -> Path:
 
 def train_classifier(model: nn.Module, data: LabeledImages, *, epochs: int, lr: float = 1e-2,
                      batch_size: int = 64, weight_decay: float = 5e-4, seed: int = 0) -> nn.Module:
-    """Plain supervised training (Adam, cosine LR, random-shift augmentation) on real data."""
+    """Plain supervised training (Adam, cosine LR, random-shift augmentation) on real data. Per-pixel
+    labels (N, H, W) train a segmentation net: they shift with their pixels, IGNORE_INDEX is not scored."""
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * ((len(data) + batch_size - 1) // batch_size)
@@ -40,7 +41,11 @@ def train_classifier(model: nn.Module, data: LabeledImages, *, epochs: int, lr: 
             # a shift of up to 1 pixel: cheap augmentation that buys a point or two on 8x8 digits
             shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
             x = torch.roll(x, shifts=shift, dims=(2, 3))
-            loss = nn.functional.cross_entropy(logits_of(model(x)), y)
+            if y.dim() == 3:  # segmentation
+                y = torch.roll(y, shifts=shift, dims=(1, 2))
+                loss = nn.functional.cross_entropy(logits_of(model(x)), y, ignore_index=IGNORE_INDEX)
+            else:
+                loss = nn.functional.cross_entropy(logits_of(model(x)), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -74,11 +79,48 @@ def pretrained_digits_teacher(model_name: str, image_size: int, num_classes: int
     return path
 
 
+# The built-in shapes teacher's training: recipes/shapes/teacher_deeplab.yaml (keep the two in step).
+SHAPES_TEACHER_EPOCHS, SHAPES_TEACHER_LR = 15, 3e-3
+
+
+def pretrained_shapes_teacher(model_name: str, image_size: int, num_classes: int = 4, in_channels: int = 3) -> Path:
+    """The segmentation demo's teacher: `model_name` (a SEGMENTATION_MODELS net) trained on the procedural
+    shapes TRAIN split, cached as safetensors like the digits teacher (deterministic, one thread, atomic).
+    About 5 minutes on one CPU thread for deeplab_lite, once per cache."""
+    from .evaluation import SHAPES_CLASSES
+    from .models import SEGMENTATION_MODELS
+
+    path = cache_dir() / "teachers" / f"{model_name}-shapes{image_size}-v1.safetensors"
+    if path.is_file():
+        return path
+    if (num_classes, in_channels) != (len(SHAPES_CLASSES), 3) or model_name not in SEGMENTATION_MODELS:
+        raise ConfigError(f"pretrained:shapes needs a segmentation model ({sorted(SEGMENTATION_MODELS)}), "
+                          f"num_classes={len(SHAPES_CLASSES)} and in_channels=3; got {model_name!r}, "
+                          f"{num_classes}, {in_channels}")
+    torch.manual_seed(0)
+    model = build_model(model_name, num_classes=num_classes, in_channels=in_channels)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_classifier(model, load_shapes_split("train", image_size), epochs=SHAPES_TEACHER_EPOCHS,
+                         lr=SHAPES_TEACHER_LR, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
 def resolve_checkpoint(spec: str, model_name: str, image_size: int, num_classes: int, in_channels: int) -> Path:
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX):]
+        if name == "shapes":
+            return pretrained_shapes_teacher(model_name, image_size, num_classes, in_channels)
         if name != "digits":
-            raise ConfigError(f"unknown built-in teacher {spec!r}; the only one is 'pretrained:digits'")
+            raise ConfigError(f"unknown built-in teacher {spec!r}; the built-in ones are 'pretrained:digits' "
+                              "and 'pretrained:shapes' (segmentation)")
         return pretrained_digits_teacher(model_name, image_size, num_classes, in_channels)
     path = Path(spec)
     if not path.is_file():
@@ -103,12 +145,24 @@ def check_classifier_output(model: nn.Module, what: str, image_shape: tuple[int,
     expected_dim = 2 if task == "classification" else 4
     if out.dim() != expected_dim or out.shape[1] != num_classes:
         want = f"(2, {num_classes})" if task == "classification" else f"(2, {num_classes}, H, W)"
+        hint = {(2, 4): "; per-pixel logits: set task: segmentation",
+                (4, 2): "; one logit vector per image: set task: classification"}.get((expected_dim, out.dim()), "")
         raise ConfigError(f"the {what} outputs shape {tuple(out.shape)} for a batch of 2, but logits of shape "
-                          f"{want} were expected: check num_classes (and that the model returns logits)")
+                          f"{want} were expected: check num_classes (and that the model returns logits){hint}")
 
 
-def load_teacher(name: str, checkpoint: str, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """Build the zoo model `name`, load its weights strictly, freeze it, and validate its outputs."""
+def load_teacher(name: str, checkpoint: Optional[str], *, num_classes: int, in_channels: int, image_size: int,
+                 task: str = "classification") -> nn.Module:
+    """Build the zoo model `name`, load its weights strictly, freeze it, and validate its outputs.
+    `hf:<dir or hub id>` loads a transformers model instead (integrations/hf_models.py)."""
+    if name.startswith("hf:"):
+        from .integrations.hf_models import load_hf_model
+
+        model = freeze(load_hf_model(name, role="teacher", num_classes=num_classes, in_channels=in_channels,
+                                     task=task, checkpoint=checkpoint))
+        check_classifier_output(model, f"teacher {name!r}", (in_channels, image_size, image_size), num_classes,
+                                task=task)
+        return model
     model = build_model(name, num_classes=num_classes, in_channels=in_channels)
     path = resolve_checkpoint(checkpoint, name, image_size, num_classes, in_channels)
     try:
@@ -116,7 +170,7 @@ def load_teacher(name: str, checkpoint: str, *, num_classes: int, in_channels: i
     except ValueError as err:
         raise ConfigError(str(err)) from None
     freeze(model)
-    check_classifier_output(model, f"teacher {name!r}", (in_channels, image_size, image_size), num_classes)
+    check_classifier_output(model, f"teacher {name!r}", (in_channels, image_size, image_size), num_classes, task=task)
     return model
 
 
@@ -127,12 +181,21 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_student(name: str, checkpoint: Optional[str], *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+def load_student(name: str, checkpoint: Optional[str], *, num_classes: int, in_channels: int, image_size: int,
+                 task: str = "classification") -> nn.Module:
+    if name.startswith("hf:"):  # a transformers model (integrations/hf_models.py)
+        from .integrations.hf_models import load_hf_model
+
+        model = load_hf_model(name, role="student", num_classes=num_classes, in_channels=in_channels, task=task,
+                              checkpoint=checkpoint)
+        check_classifier_output(model, f"student {name!r}", (in_channels, image_size, image_size), num_classes,
+                                task=task)
+        return model
     model = build_model(name, num_classes=num_classes, in_channels=in_channels)
     if checkpoint:
         try:
             load_checkpoint_into(model, checkpoint, what="student")
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(str(err)) from None
-    check_classifier_output(model, f"student {name!r}", (in_channels, image_size, image_size), num_classes)
+    check_classifier_output(model, f"student {name!r}", (in_channels, image_size, image_size), num_classes, task=task)
     return model

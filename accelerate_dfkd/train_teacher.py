@@ -3,7 +3,8 @@
 Data-free distillation starts from a trained teacher; for the benchmarks of the papers (LeNet-5 on
 MNIST, ...) we train our own, with a recipe like any other (`recipes/mnist/teacher_lenet5.yaml`).
 The weights go to `output` as safetensors (written atomically, never over an existing file unless
-`overwrite` is true), with `<output>.json` holding the test top-1 and the configuration. Single
+`overwrite` is true), with `<output>.json` holding the test score (top-1, or mIoU for the
+segmentation set `shapes`, `recipes/shapes/teacher_deeplab.yaml`) and the configuration. Single
 process: teachers of this size train in minutes on a CPU.
 """
 
@@ -20,8 +21,9 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ConfigError, build_configs, read_recipe
-from .evaluation import LabeledImages, evaluate_top1, load_digits_split, load_mnist_split
-from .models import build_model
+from .evaluation import (SHAPES_CLASSES, LabeledImages, evaluate_miou, evaluate_top1, load_digits_split,
+                         load_mnist_split, load_shapes_split)
+from .models import SEGMENTATION_MODELS, build_model
 from .teachers import train_classifier
 from .utils import atomic_write_bytes
 
@@ -29,7 +31,7 @@ from .utils import atomic_write_bytes
 @dataclass
 class TeacherTrainingConfig:
     model: str = "lenet5"
-    dataset: Literal["digits", "mnist"] = "mnist"
+    dataset: Literal["digits", "mnist", "shapes"] = "mnist"  # shapes: segmentation (per-pixel labels)
     data_dir: Optional[str] = None
     num_classes: int = 10
     in_channels: int = 1
@@ -50,11 +52,19 @@ class TeacherTrainingConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.output.endswith(".safetensors"):
             raise ConfigError(f"output must be a .safetensors path, got {self.output!r}")
+        if self.dataset == "shapes" and (self.num_classes, self.in_channels) != (len(SHAPES_CLASSES), 3):
+            raise ConfigError(f"dataset shapes has num_classes={len(SHAPES_CLASSES)} {SHAPES_CLASSES} and "
+                              f"in_channels=3, got {self.num_classes} and {self.in_channels}")
+        if (self.dataset == "shapes") != (self.model in SEGMENTATION_MODELS):
+            raise ConfigError(f"model {self.model!r} does not fit dataset {self.dataset!r}: the segmentation set "
+                              f"shapes needs one of {sorted(SEGMENTATION_MODELS)}, and only it")
 
 
 def load_split(config: TeacherTrainingConfig, split: str) -> LabeledImages:
     if config.dataset == "digits":
         return load_digits_split(split, config.image_size)
+    if config.dataset == "shapes":
+        return load_shapes_split(split, config.image_size)
     return load_mnist_split(split, config.image_size, config.data_dir)
 
 
@@ -74,12 +84,15 @@ def train_teacher(config: TeacherTrainingConfig) -> dict:
     train_classifier(model, train, epochs=config.epochs, lr=config.learning_rate, batch_size=config.batch_size,
                      weight_decay=config.weight_decay, seed=config.seed)
     seconds = time.perf_counter() - start
-    top1 = evaluate_top1(model, test, num_classes=config.num_classes)
+    if config.dataset == "shapes":
+        metric, score = "test_miou", evaluate_miou(model, test, num_classes=config.num_classes)
+    else:
+        metric, score = "test_top1", evaluate_top1(model, test, num_classes=config.num_classes)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, output)
-    report = {"model": config.model, "dataset": config.dataset, "test_top1": top1, "train_samples": len(train),
+    report = {"model": config.model, "dataset": config.dataset, metric: score, "train_samples": len(train),
               "train_seconds": seconds, "config": asdict(config)}
     atomic_write_bytes(output.with_suffix(".json"), json.dumps(report, indent=2).encode())
     return report
@@ -89,6 +102,7 @@ def main(recipe: Optional[str], overrides: dict[str, str]) -> dict:
     (config,) = build_configs(read_recipe(recipe, overrides), [TeacherTrainingConfig],
                               f" in {recipe}" if recipe else "")
     report = train_teacher(config)
-    print(f"teacher: {config.model} on {config.dataset}, test top-1 {report['test_top1']:.2f}% "
+    metric = "test_miou" if "test_miou" in report else "test_top1"
+    print(f"teacher: {config.model} on {config.dataset}, {metric} {report[metric]:.2f}% "
           f"after {report['train_seconds']:.0f} s -> {config.output}", flush=True)
     return report

@@ -11,7 +11,7 @@ from accelerate_dfkd.methods import METHODS
 from accelerate_dfkd.methods.deepinversion import (DeepInversion, DeepInversionConfig, js_divergence_clamped,
                                                    total_variation_l1)
 from accelerate_dfkd.models import build_model
-from accelerate_dfkd.synthesis import SynthesisContext
+from accelerate_dfkd.synthesis import DiskReplayBuffer, SynthesisContext
 
 from .conformance import SynthesizerConformance, _equal, _snapshot
 from .conftest import short_digits_run, tiny_student, tiny_teacher
@@ -19,10 +19,10 @@ from .conftest import short_digits_run, tiny_student, tiny_teacher
 SMALL = dict(per_device_synthesis_batch_size=16, synthesis_iterations=3)
 
 
-def make(teacher=None, seed=0, **overrides) -> DeepInversion:
+def make(teacher=None, seed=0, context=None, **overrides) -> DeepInversion:
     cfg = DeepInversionConfig(**{**SMALL, **overrides})
     return DeepInversion(cfg, teacher if teacher is not None else tiny_teacher(), image_shape=(1, 8, 8),
-                         num_classes=10, context=SynthesisContext(seed=seed))
+                         num_classes=10, context=context or SynthesisContext(seed=seed))
 
 
 class TestDeepInversionConformance(SynthesizerConformance):
@@ -117,12 +117,52 @@ def test_clipping_keeps_pixels_in_range_and_bad_configs_are_errors():
     synth = make(pixel_min=-0.5, pixel_max=0.5, synthesis_iterations=2)
     synth.synthesize(tiny_student())
     assert synth.pixels.min() >= -0.5 and synth.pixels.max() <= 0.5
+    # explicit bounds override the normalisation's range; without either, or with clip_pixels off, no clipping
+    digits = SynthesisContext(image_mean=[0.3056], image_std=[0.3761])
+    low, high = make(context=digits, pixel_min=-0.5, pixel_max=0.5).clip_range()
+    assert float(low) == -0.5 and float(high) == 0.5
+    assert make().clip_range() == (None, None) and make(context=digits, clip_pixels=False).clip_range() == (None, None)
+    with pytest.raises(ConfigError, match="clip_pixels is false"):
+        DeepInversionConfig(clip_pixels=False, pixel_max=1.0).validate()
+    with pytest.raises(ConfigError, match="uint8 quantises"):   # no known range to quantise
+        make(replay_dtype="uint8")
     with pytest.raises(ConfigError, match="at least one positive"):
         DeepInversionConfig(bn_weight=0, one_hot_weight=0, adversarial_weight=0, tv_weight=0, l2_weight=0).validate()
     with pytest.raises(ConfigError, match="synthesis_iterations"):
         DeepInversionConfig(synthesis_iterations=0).validate()
     with pytest.raises(ConfigError, match="pixel_min"):
         DeepInversionConfig(pixel_min=1.0, pixel_max=0.0).validate()
+
+
+def test_clip_range_comes_from_the_normalisation_per_channel():
+    """zju-vipa clip_images: channel c is clamped to [(0 - mean_c) / std_c, (1 - mean_c) / std_c]."""
+    torch.manual_seed(0)
+    teacher = build_model("digits_cnn", 10, in_channels=3).eval().requires_grad_(False)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.5]
+    context = SynthesisContext(image_mean=mean, image_std=std)
+    synth = DeepInversion(DeepInversionConfig(**SMALL), teacher, image_shape=(3, 8, 8), num_classes=10,
+                          context=context)
+    low, high = (torch.tensor([(v - m) / s for m, s in zip(mean, std)]) for v in (0.0, 1.0))
+    assert torch.allclose(synth.clip_low.flatten(), low) and torch.allclose(synth.clip_high.flatten(), high)
+    synth.synthesize(build_model("digits_cnn_small", 10, in_channels=3))
+    per_channel = synth.pixels.detach().transpose(0, 1).flatten(1)
+    assert (per_channel.min(1).values >= low - 1e-6).all() and (per_channel.max(1).values <= high + 1e-6).all()
+    # N(0, 1) pixels reach channel 2's upper bound 1.4, and exceed it in channel 0 (bound 2.5): per channel
+    assert float(per_channel[2].max()) == pytest.approx(1.4) and float(per_channel[0].max()) > 1.5
+    # a uint8 pool quantises the span of the clip range
+    assert make(context=SynthesisContext(image_mean=[0.3056], image_std=[0.3761]),
+                replay_dtype="uint8").pool.value_range == pytest.approx((-0.3056 / 0.3761, 0.6944 / 0.3761))
+
+
+def test_disk_pool_gives_the_memory_pools_samples(tmp_path):
+    memory = make(seed=3, kd_augment=False)
+    disk = make(seed=3, kd_augment=False, replay_storage="disk", replay_dir=str(tmp_path / "replay"))
+    assert isinstance(disk.pool, DiskReplayBuffer) and not isinstance(memory.pool, DiskReplayBuffer)
+    for _ in range(2):
+        memory.synthesize(tiny_student()), disk.synthesize(tiny_student())
+    assert disk.pool.images is None and (tmp_path / "replay" / "rank_0" / "shard_000000.npy").is_file()
+    a, b = memory.build_source(16).next_batch(), disk.build_source(16).next_batch()
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
 
 
 def test_teacher_without_batchnorm_is_refused(tmp_path):
@@ -151,7 +191,6 @@ def test_short_real_digits_run_beats_chance(tmp_path):
     teacher (about 98.9 % top-1). Observed: 91.3 % on the held-out digits (chance: 10 %); 60 steps /
     3 rounds x 30 iterations gave 60.6 %."""
     cfg = DeepInversionConfig(per_device_synthesis_batch_size=128, synthesis_iterations=50,
-                              student_steps_per_round=20, kd_augment_padding=1,
-                              pixel_min=-0.8125, pixel_max=1.8463)  # digits' [0, 1] in standardised units
+                              student_steps_per_round=20, kd_augment_padding=1)  # clipped to the eval set's range
     results = short_digits_run(tmp_path, "deepinversion", cfg, max_steps=100)
     assert results["student_top1"] >= 60, results["student_top1"]

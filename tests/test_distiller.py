@@ -37,6 +37,15 @@ def test_run_writes_results_student_and_checkpoints(tmp_path):
     assert (out / "student.safetensors").is_file() and (out / "best_student.safetensors").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
     assert len(saved["eval_history"]) == 2
+    # the robustness metrics (PRE-DFKD): in results.json and, running, in the log
+    history = [top1 for _, top1 in saved["eval_history"]]
+    assert saved["mean_student_top1"] == pytest.approx(sum(history) / 2)
+    assert saved["var_student_top1"] == pytest.approx((history[0] - history[1]) ** 2 / 4)
+    evals = [row for row in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval/top1" in row]
+    assert [row["eval/top1"] for row in evals] == history
+    assert evals[-1]["eval/best_top1"] == max(history) == saved["best_student_top1"]
+    assert evals[-1]["eval/mean_top1"] == pytest.approx(saved["mean_student_top1"])
+    assert evals[-1]["eval/var_top1"] == pytest.approx(saved["var_student_top1"])
     # the documented event order
     ev = recorder.events
     assert ev[0] == "on_train_start" and ev[-1] == "on_train_end"
@@ -132,7 +141,7 @@ def test_fp16_on_cpu_warns(tmp_path):
 
 def test_segmentation_pair_distils_with_dense_l1(tmp_path):
     """DFAD on dense outputs: the student loss is L1 over every pixel's logits and the generator
-    maximises -log(1 + L1) (task=segmentation); no top-1 evaluation for dense outputs."""
+    maximises -log(1 + L1) (task=segmentation)."""
 
     class TinySeg(torch.nn.Module):
         def __init__(self, width):
@@ -148,6 +157,8 @@ def test_segmentation_pair_distils_with_dense_l1(tmp_path):
     cfg, method = small_configs(tmp_path, max_steps=4, task="segmentation", num_classes=3,
                                 student_steps_per_round=2, logging_steps=1)
     results = Distiller(cfg, method, teacher=teacher, student=TinySeg(4)).train()
-    assert results["steps"] == 4 and results["student_top1"] is None
+    # no eval set: no score, and the keys name the dense metric, never top-1
+    assert results["steps"] == 4 and results["metric"] == "miou" and results["student_miou"] is None
+    assert not any(key.endswith("_top1") for key in results)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert all(-1.0 < row["synthesis/adversarial"] <= 0 for row in log if "synthesis/adversarial" in row)

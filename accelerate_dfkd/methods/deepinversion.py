@@ -23,9 +23,13 @@ Symbol map (paper Eq. / zju-vipa `DeepInvSyntheiszer` [sic] -> here):
                                                       adversarial_weight
     jitter + flip before every teacher forward     -> jitter (roll by up to `jitter` px), flip
     best_cost / best_inputs                        -> lowest total loss over the round's iterates
+    clip_images: channel c to [-m_c / s_c,         -> per channel to [(0 - mean) / std, (1 - mean) / std]
+      (1 - m_c) / s_c] after every step               of the run's image_mean / image_std (SynthesisContext);
+                                                      pixel_min / pixel_max override, clip_pixels off
     ImagePool + DataLoader(shuffle) + RandomCrop(pad 4) + flip
-                                                   -> ReplayBuffer (FIFO, pool_capacity) + uniform
-                                                      ReplaySource + kd_augment / kd_augment_padding
+                                                   -> ReplayBuffer (FIFO, pool_capacity; replay_storage /
+                                                      replay_dtype) + uniform ReplaySource + kd_augment /
+                                                      kd_augment_padding
     kd_steps = ep_steps = 400                      -> student_steps_per_round
 
 Defaults follow the zju-vipa re-implementation, which produced the CIFAR numbers everybody compares
@@ -37,9 +41,10 @@ Deviations, on purpose:
     scored too, so the returned images never score worse than the last iterate;
   * no "- 0.001 * student BN statistics" term (Fast-Datafree only; not in the CMI repo, not in the
     paper);
-  * pixel clipping to the valid range is optional (`pixel_min` / `pixel_max`, both None by default):
-    the library has no normalisation hook that would tell the valid range of a teacher's inputs
-    (NVlabs' CIFAR script does not clip either);
+  * pixels are clipped after every step to the valid range of the teacher's input normalisation, per
+    channel, as zju-vipa `clip_images`; when the run's normalisation is unknown (no image_mean /
+    image_std, no eval set) and no pixel_min / pixel_max is given, nothing is clipped (NVlabs' CIFAR
+    script does not clip either; `clip_pixels: false` does that on purpose);
   * the jitter offsets and the flip are drawn from this rank's torch.Generator (zju-vipa: Python's
     global `random`), all of a round's draws at once, so there is one host sync per round.
 """
@@ -58,7 +63,7 @@ from ..config import ConfigError, MethodConfig
 from ..hooks import BatchNormStatistics, frozen, has_batchnorm, training_mode
 from ..synthesis.augment import random_crop_with_padding, random_horizontal_flip
 from ..synthesis.base import SynthesisOutput, Synthesizer, SyntheticBatch
-from ..synthesis.replay import ReplayBuffer
+from ..synthesis.replay import ReplayBuffer, ReplayStorageConfig
 from ..synthesis.sources import ReplaySource
 from ..utils import logits_of
 
@@ -101,7 +106,7 @@ def image_l2(images: Tensor) -> Tensor:
 
 # --- config ------------------------------------------------------------------------------------------
 @dataclass
-class DeepInversionConfig(MethodConfig):
+class DeepInversionConfig(ReplayStorageConfig, MethodConfig):
     # Student loss: KL at T = 20 (zju-vipa deepinv_cifar.sh --T 20; the loop keeps it for pool methods,
     # implementations.md 1.2).
     student_loss: Literal["kl", "l1"] = "kl"
@@ -129,12 +134,16 @@ class DeepInversionConfig(MethodConfig):
     # 4 px at 32x32; NVlabs: 30 px at 224, 2 px in its CIFAR script).
     jitter: Optional[int] = None
     flip: bool = True                            # zju-vipa: one flip p = 0.5 for the whole batch
-    # Clip the pixels to [pixel_min, pixel_max] (the valid range in standardised space) after every
-    # step, as zju-vipa `clip_images`; None: no clipping (NVlabs CIFAR script).
+    # Clip the pixels after every step to the valid range in the teacher's input space, as zju-vipa
+    # `clip_images`: per channel [(0 - mean) / std, (1 - mean) / std] of the run's normalisation (recipe
+    # image_mean / image_std, SynthesisContext). pixel_min / pixel_max (one value for all channels)
+    # override it, either side alone too; clip_pixels false: no clipping (NVlabs' CIFAR script).
+    clip_pixels: bool = True
     pixel_min: Optional[float] = None
     pixel_max: Optional[float] = None
     # The pool: every round's batch, FIFO. Default 51200 = 200 rounds x 256, a whole zju-vipa run
-    # (its ImagePool is unbounded).
+    # (its ImagePool is unbounded). Where it lives: replay_storage / replay_dir / replay_dtype
+    # (ReplayStorageConfig: memory, float16; uint8 quantises the clip range).
     pool_capacity: int = 51200
     # KD-time augmentation of pool samples: the data set's training transform, RandomCrop(pad 4) +
     # horizontal flip (zju-vipa datafree_kd.py, implementations.md 1.1).
@@ -166,6 +175,10 @@ class DeepInversionConfig(MethodConfig):
             raise ConfigError(f"kd_augment_padding must be >= 0, got {self.kd_augment_padding}")
         if (self.pixel_min is not None and self.pixel_max is not None) and self.pixel_min >= self.pixel_max:
             raise ConfigError(f"pixel_min ({self.pixel_min}) must be below pixel_max ({self.pixel_max})")
+        if not self.clip_pixels and (self.pixel_min is not None or self.pixel_max is not None):
+            raise ConfigError("pixel_min / pixel_max are a clip range, but clip_pixels is false: drop them, or set "
+                              "clip_pixels true")
+        self.validate_replay_storage()
 
 
 # --- the read side -------------------------------------------------------------------------------------
@@ -207,7 +220,15 @@ class DeepInversion(Synthesizer):
         # The optimised pixels of the current round (re-drawn in place each round; kept between rounds
         # only so that tests and callbacks can inspect the last round's final iterate and gradient).
         self.pixels = torch.zeros((b, *self.image_shape), device=device, requires_grad=True)
-        self.pool = ReplayBuffer(config.pool_capacity, policy="fifo", dtype=torch.float16, device=device)
+        self.clip_low, self.clip_high = self.clip_range()
+        # The pool holds the teacher-space images; uint8 quantises the clip range's span.
+        if config.replay_dtype == "uint8" and (self.clip_low is None or self.clip_high is None):
+            raise ConfigError("replay_dtype uint8 quantises a known value range, but these pixels are not clipped "
+                              "to one: set image_mean / image_std (or pixel_min and pixel_max), or use float16")
+        value_range = (0.0, 1.0)
+        if self.clip_low is not None and self.clip_high is not None:
+            value_range = (float(self.clip_low.min()), float(self.clip_high.max()))
+        self.pool = config.build_pool(config.pool_capacity, self.context, value_range=value_range)
         self.rng = self.context.make_rng(stream=0)  # pixels, targets, jitter and flips
         side = min(self.image_shape[1:])
         self.jitter = config.jitter if config.jitter is not None else int(side * 0.125)
@@ -258,11 +279,27 @@ class DeepInversion(Synthesizer):
         view = torch.roll(pixels, shifts=(dy, dx), dims=(2, 3)) if (dy or dx) else pixels
         return view.flip(-1) if flip else view
 
-    def _clip(self) -> None:
-        cfg = self.config
+    def clip_range(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(low, high) bounds of the pixels as (1, C, 1, 1) tensors (None: that side is not clipped): explicit
+        pixel_min / pixel_max, else per channel (0 - mean) / std and (1 - mean) / std of the run's
+        normalisation (zju-vipa clip_images), else nothing."""
+        cfg, channels, device = self.config, self.image_shape[0], self.context.device
+        if not cfg.clip_pixels:
+            return None, None
         if cfg.pixel_min is not None or cfg.pixel_max is not None:
+            def bound(value: Optional[float]) -> Optional[Tensor]:
+                return None if value is None else torch.full((1, channels, 1, 1), float(value), device=device)
+            return bound(cfg.pixel_min), bound(cfg.pixel_max)
+        normalization = self.context.normalization(channels)
+        if normalization is None:
+            return None, None
+        mean, std = normalization
+        return (0.0 - mean) / std, (1.0 - mean) / std
+
+    def _clip(self) -> None:
+        if self.clip_low is not None or self.clip_high is not None:
             with torch.no_grad():
-                self.pixels.clamp_(min=cfg.pixel_min, max=cfg.pixel_max)
+                self.pixels.clamp_(min=self.clip_low, max=self.clip_high)
 
     def _scope(self, student: nn.Module) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()

@@ -152,6 +152,9 @@ class PreDFKDConfig(MethodConfig):
     entropy_weight: float = 5.0       # on sum p log10 p (5 in log10 is 2.17 in nats)
     activation_weight: float = 0.1
     adversarial_weight: float = 1.0
+    # "js": PRE-DFKD's 1 - JS(T, S) (Eq. 1); "l1": DFAD's -L1(T, S) (DFAD Eq. 6), for the paper's
+    # PRE-DFAD ablation (methods/pre_dfad.py), where DFAD makes the novel samples.
+    adversarial_loss: Literal["js", "l1"] = "js"
     adversarial_temperature: float = 3.0  # utils/aux.py JS_divergence: T = 3.0
     adversarial_clamp_min: float = 0.01   # torch.clamp(P, 0.01, 0.99)
     adversarial_clamp_max: float = 0.99
@@ -181,6 +184,11 @@ class PreDFKDConfig(MethodConfig):
     memory_latent_steps: int = 1
     memory_latent_lr: float = 0.02
     memory_latent_moment_weight: float = 1.0  # `(loss_match + loss_kld).backward()`: unweighted
+    # Algorithm 2's class-balance loss on memory samples: the novel generator's oh / ie weights in
+    # the reference (distillation.py reuses opt.oh, opt.ie); separate so PRE-DFAD, whose novel
+    # generator has no DAFL terms, still replays class-balanced memory samples.
+    memory_one_hot_weight: float = 1.0
+    memory_entropy_weight: float = 5.0
 
     def validate(self) -> None:
         for name in ("student_steps_per_round", "generator_steps", "nz", "ngf", "nef",
@@ -195,12 +203,14 @@ class PreDFKDConfig(MethodConfig):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("one_hot_weight", "entropy_weight", "activation_weight", "adversarial_weight", "vae_kl_weight",
                      "vae_teacher_weight", "replay_ratio", "memory_latent_lr", "memory_latent_moment_weight",
-                     "weight_init_range"):
+                     "memory_one_hot_weight", "memory_entropy_weight", "weight_init_range"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.adversarial_clamp_min < self.adversarial_clamp_max <= 1:
             raise ConfigError("need 0 <= adversarial_clamp_min < adversarial_clamp_max <= 1, got "
                               f"{self.adversarial_clamp_min}, {self.adversarial_clamp_max}")
+        if self.adversarial_loss not in ("js", "l1"):
+            raise ConfigError(f"adversarial_loss must be 'js' (PRE-DFKD) or 'l1' (DFAD), got {self.adversarial_loss!r}")
         if self.bn_eps <= 0:
             raise ConfigError(f"bn_eps must be positive, got {self.bn_eps}")
         if not any((self.one_hot_weight, self.entropy_weight, self.activation_weight, self.adversarial_weight)):
@@ -383,11 +393,12 @@ class PreDFKD(Synthesizer):
             if cfg.adversarial_weight > 0:
                 with frozen(student), training_mode(student, cfg.student_mode_in_synthesis == "train"):
                     student_logits = logits_of(student(images)).float()
-                # The teacher's side is detached, as in the reference: this term reaches the
-                # generator through the student only.
-                terms["adversarial"] = js_disagreement(student_logits, teacher_logits.detach(),
-                                                       cfg.adversarial_temperature, cfg.adversarial_clamp_min,
-                                                       cfg.adversarial_clamp_max)
+                if cfg.adversarial_loss == "l1":  # DFAD: gradients through teacher and student
+                    terms["adversarial"] = losses.dfad_generator_loss(student_logits, teacher_logits)
+                else:  # the teacher's side detached, as in the reference: through the student only
+                    terms["adversarial"] = js_disagreement(student_logits, teacher_logits.detach(),
+                                                           cfg.adversarial_temperature, cfg.adversarial_clamp_min,
+                                                           cfg.adversarial_clamp_max)
         weights = {"one_hot": cfg.one_hot_weight, "entropy": cfg.entropy_weight,
                    "activation": cfg.activation_weight, "adversarial": cfg.adversarial_weight}
         loss = sum(weights[k] * v for k, v in terms.items())
@@ -398,8 +409,8 @@ class PreDFKD(Synthesizer):
     def _match_loss(self, teacher_logits: Tensor) -> Tensor:
         """Algorithm 2's class-balance / confidence part: ie sum p log10 p + oh CE(argmax)."""
         cfg = self.config
-        return (cfg.entropy_weight * neg_entropy_log10(teacher_logits)
-                + cfg.one_hot_weight * F.cross_entropy(teacher_logits, teacher_logits.argmax(dim=1)))
+        return (cfg.memory_entropy_weight * neg_entropy_log10(teacher_logits)
+                + cfg.memory_one_hot_weight * F.cross_entropy(teacher_logits, teacher_logits.argmax(dim=1)))
 
     def _tune_latents(self, z: Tensor, decoder_train: bool,
                       keep_decoder_graph: bool = False) -> tuple[Tensor, Optional[Tensor]]:

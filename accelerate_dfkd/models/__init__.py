@@ -4,7 +4,8 @@ Two explicit registries (one line per entry, so ``grep`` finds every name):
 
 - ``MODELS[name](num_classes=..., in_channels=...)`` -> classifier whose ``forward`` returns logits
   of shape (N, num_classes). Its last ``nn.Linear`` is the classifier layer, so penultimate
-  features are the input of that layer (a forward hook on it retrieves them).
+  features are the input of that layer (a forward hook on it retrieves them). The names in
+  ``SEGMENTATION_MODELS`` are the exception: they return per-pixel logits (N, num_classes, H, W).
 - ``GENERATORS[name](nz=..., image_size=..., channels=..., ngf=...)`` -> generator mapping
   (N, nz) noise to (N, channels, image_size, image_size) images; the class attribute
   ``output_space`` says whether the images are "normalized", "tanh" ([-1, 1]) or "pixel" ([0, 1]).
@@ -24,6 +25,7 @@ from .generators import generator_a, generator_b, sigmoid_generator
 from .lenet import lenet5, lenet5_half
 from .loading import load_checkpoint_into, load_state_dict_file
 from .resnet_8x import resnet18_8x, resnet34_8x
+from .segmentation import deeplab_lite, deeplab_lite_small, deeplabv3_mobilenetv2, deeplabv3_resnet50
 from .vgg import vgg11_bn
 from .wrn import wrn16_1, wrn16_2, wrn40_1, wrn40_2
 
@@ -45,7 +47,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn40_1": wrn40_1,
     "wrn40_2": wrn40_2,
     "vgg11_bn": vgg11_bn,
+    "deeplab_lite": deeplab_lite,
+    "deeplab_lite_small": deeplab_lite_small,
+    "deeplabv3_resnet50": deeplabv3_resnet50,
+    "deeplabv3_mobilenetv2": deeplabv3_mobilenetv2,
 }
+
+# Models of MODELS whose logits are per-pixel (task: segmentation).
+SEGMENTATION_MODELS = frozenset({"deeplab_lite", "deeplab_lite_small", "deeplabv3_resnet50", "deeplabv3_mobilenetv2"})
 
 GENERATORS: dict[str, Callable[..., nn.Module]] = {
     "generator_a": generator_a,
@@ -87,6 +96,7 @@ def build_generator(name: str, nz: int, image_size: int, channels: int, **kwargs
 __all__ = [
     "GENERATORS",
     "MODELS",
+    "SEGMENTATION_MODELS",
     "build_generator",
     "build_model",
     "load_checkpoint_into",

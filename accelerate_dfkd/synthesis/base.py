@@ -6,14 +6,14 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Optional
+from typing import Any, ClassVar, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import losses
-from ..config import MethodConfig
+from ..config import ConfigError, MethodConfig
 
 
 @dataclass
@@ -53,17 +53,59 @@ class SynthesisContext:
     num_processes: int = 1
     seed: int = 0
     mixed_precision: str = "no"
+    # The run's output folder (the Accelerator's project_dir), where disk-backed state such as a
+    # replay bank (`replay_storage: disk`) lives by default; None outside a Distiller run.
+    output_dir: Optional[str] = None
+    # The teacher's input normalisation, per channel (or one value for all) for pixels in [0, 1]:
+    # teacher input = (pixels - image_mean) / image_std. Methods with a [0, 1] (sigmoid) generator
+    # apply it before the teacher; DeepInversion derives its pixel clamp range from it. The Distiller
+    # fills it (evaluation.resolve_input_normalization); set it by hand in a plain PyTorch loop.
+    # None: unknown.
+    image_mean: Optional[Sequence[float]] = None
+    image_std: Optional[Sequence[float]] = None
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
         if self.device.type == "cpu":  # Accelerate's MULTI_CPU device is "cpu:0"; storages tagged so don't reload
             self.device = torch.device("cpu")
+        if (self.image_mean is None) != (self.image_std is None):
+            raise ConfigError("image_mean and image_std go together: give both (per channel, for pixels in [0, 1]) "
+                              "or neither")
+        if self.image_mean is not None:
+            self.image_mean = tuple(float(v) for v in self.image_mean)
+            self.image_std = tuple(float(v) for v in self.image_std)
+            if not self.image_mean or len(self.image_mean) != len(self.image_std):
+                raise ConfigError(f"image_mean and image_std need one value per channel each, got "
+                                  f"{list(self.image_mean)} and {list(self.image_std)}")
+            if any(s <= 0 for s in self.image_std):
+                raise ConfigError(f"image_std values must be positive, got {list(self.image_std)}")
 
     @classmethod
-    def from_accelerator(cls, accelerator: Any, seed: int) -> "SynthesisContext":
+    def from_accelerator(cls, accelerator: Any, seed: int, *, image_mean: Optional[Sequence[float]] = None,
+                         image_std: Optional[Sequence[float]] = None) -> "SynthesisContext":
         return cls(device=accelerator.device, process_index=accelerator.process_index,
                    num_processes=accelerator.num_processes, seed=seed,
-                   mixed_precision=str(accelerator.mixed_precision))
+                   mixed_precision=str(accelerator.mixed_precision),
+                   output_dir=getattr(accelerator, "project_dir", None), image_mean=image_mean, image_std=image_std)
+
+    def normalization(self, channels: int, *, required_by: Optional[str] = None) -> Optional[tuple[Tensor, Tensor]]:
+        """(mean, std) of the teacher's input normalisation as float32 (1, channels, 1, 1) tensors on this
+        device, or None when unknown; with `required_by` (who needs it) unknown is a ConfigError."""
+        if self.image_mean is None:
+            if required_by is None:
+                return None
+            raise ConfigError(
+                f"{required_by} makes [0, 1] images and needs the teacher's input normalisation, which is not "
+                "known here: set image_mean and image_std in the recipe (per channel, for pixels in [0, 1]; e.g. "
+                "digits [0.3056] / [0.3761], zju-vipa CIFAR-10 [0.4914, 0.4822, 0.4465] / [0.2023, 0.1994, "
+                "0.2010]), or fill SynthesisContext(image_mean=..., image_std=...) in a plain PyTorch loop")
+        if len(self.image_mean) not in (1, channels):
+            raise ConfigError(f"image_mean / image_std have {len(self.image_mean)} values, the images {channels} "
+                              "channel(s): give one value per channel (or one for all)")
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.image_mean, dtype=torch.float32, device=self.device).view(shape)
+        std = torch.tensor(self.image_std, dtype=torch.float32, device=self.device).view(shape)
+        return mean.expand(1, channels, 1, 1).contiguous(), std.expand(1, channels, 1, 1).contiguous()
 
     def make_rng(self, stream: int = 0) -> torch.Generator:
         """This rank's random stream: seeded with seed + rank, so ranks synthesize different samples
@@ -148,6 +190,12 @@ class Synthesizer(ABC):
         loss hook that needs intermediate features (ZSKT's attention transfer) can capture them
         with forward hooks that are removed when the step is done. Nothing by default."""
         return contextlib.nullcontext()
+
+    def after_student_step(self, batch: SyntheticBatch, student_logits: Tensor, teacher_logits: Tensor) -> None:
+        """Called by the loop after the backward of every student micro-batch, with that batch and its
+        detached logits, so a method can feed what the student just saw back into its data (SSD-KD
+        refreshes the replay priorities of `batch.indices` from the per-sample KL, Eq. 4). Runs on
+        every rank on its own batch; must not touch the student. Nothing by default."""
 
     def modules(self) -> dict[str, nn.Module]:
         """Networks this synthesizer trains (for devices, grids and state)."""

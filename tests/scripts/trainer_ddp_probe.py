@@ -1,0 +1,41 @@
+"""Run under torchrun (2 processes) by tests/test_trainer_integration.py: a transformers Trainer
+(DDP over gloo) trains on a SyntheticDataset; each rank records what it synthesized and the student
+it ended with."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+
+from accelerate_dfkd import SyntheticDataCallback, SyntheticDataset
+from accelerate_dfkd.models import build_model
+
+out = Path(sys.argv[1])
+torch.manual_seed(0)
+teacher = build_model("digits_cnn", num_classes=10, in_channels=1)
+with torch.no_grad():
+    teacher.train()
+    teacher(torch.randn(64, 1, 8, 8))
+teacher.eval()
+student = build_model("digits_cnn_small", num_classes=10, in_channels=1)
+dataset = SyntheticDataset.from_method("dfad", teacher, student, image_shape=(1, 8, 8), num_classes=10, batch_size=16,
+                                       synthesize_every=2, nz=16, ngf=8, per_device_synthesis_batch_size=16)
+
+
+class KDTrainer(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return F.l1_loss(model(inputs["pixel_values"]), inputs["teacher_logits"])
+
+
+args = TrainingArguments(output_dir=str(out / "trainer"), max_steps=6, per_device_train_batch_size=16,
+                         learning_rate=1e-2, logging_steps=2, report_to="none", save_strategy="no", use_cpu=True,
+                         disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
+                         ddp_find_unused_parameters=False)
+trainer = KDTrainer(model=student, args=args, train_dataset=dataset, callbacks=[SyntheticDataCallback(dataset)])
+trainer.train()
+rank = args.process_index
+torch.save({"world_size": args.world_size, "rounds": dataset.rounds, "batches_read": dataset.batches_read,
+            "batches_per_step": dataset.batches_per_step,
+            "student": {k: v.clone() for k, v in student.state_dict().items()}}, out / f"rank{rank}.pt")
