@@ -295,10 +295,12 @@ def test_two_ranks_keep_one_meta_generator_and_their_own_pools(tmp_path):
         assert torch.allclose(a, b, atol=1e-6), "global BN statistics differ between ranks"
 
 
-@pytest.mark.slow  # about 40 s on a loaded 2-core machine (ResNet-56 on CPU, JPEG decoding)
-def test_resnet56_to_resnet20_recipe_runs_a_few_steps_on_cpu(tmp_path):
-    """The akamaster recipe as users run it, shrunk to 2 student steps after 1 warm-up round of Fast-2 on
-    16 images, evaluated on 256 images of the JPEG CIFAR-10 test set (the teacher: about 83 % there)."""
+@pytest.mark.slow  # about 40 s each on a loaded 2-core machine (ResNet-56 on CPU, JPEG decoding)
+@pytest.mark.parametrize("recipe", ["fast5_resnet56_to_resnet20.yaml", "ssd_kd_resnet56_to_resnet20.yaml"])
+def test_resnet56_to_resnet20_recipe_runs_a_few_steps_on_cpu(tmp_path, recipe):
+    """The akamaster recipes (Fast-5 and SSD-KD, issue 4's GPU setting) as users run them, shrunk to 2
+    student steps after 1 warm-up round of Fast-2 on 16 images, evaluated on 256 images of the JPEG
+    CIFAR-10 test set (the teacher: about 83 % there)."""
     from accelerate_dfkd.evaluation import default_data_dir
 
     teacher = default_data_dir() / "teachers/cifar10-resnet-akamaster/resnet56-4bfd9763.th"
@@ -306,7 +308,7 @@ def test_resnet56_to_resnet20_recipe_runs_a_few_steps_on_cpu(tmp_path):
     if not teacher.is_file() or not archive.is_file():
         pytest.skip(f"needs {teacher} and {archive} (shared/data; set DFKD_DATA_DIR)")
     out = tmp_path / "r56"
-    cmd = [PYTHON, "-m", "accelerate_dfkd", str(REPO / "recipes/cifar10/fast5_resnet56_to_resnet20.yaml"),
+    cmd = [PYTHON, "-m", "accelerate_dfkd", str(REPO / "recipes/cifar10" / recipe),
            "--teacher_checkpoint", str(teacher), "--output_dir", str(out), "--max_steps", "2",
            "--warmup_rounds", "1", "--student_steps_per_round", "1", "--generator_steps", "2",
            "--per_device_train_batch_size", "16", "--per_device_synthesis_batch_size", "16", "--pool_capacity", "64",
