@@ -70,7 +70,7 @@ from ..hooks import BatchNormStatistics, BNMomentumState, frozen, has_batchnorm,
 from ..models import build_generator
 from ..synthesis.augment import Augment
 from ..synthesis.base import SynthesisOutput, Synthesizer, SyntheticBatch
-from ..synthesis.replay import ReplayBuffer, ReplayStorageConfig
+from ..synthesis.replay import ReplayStorageConfig
 from ..synthesis.sources import ReplaySource
 from ..utils import logits_of
 
@@ -239,13 +239,12 @@ def reset_first_layers(generator: nn.Module, rng: torch.Generator) -> None:
 
 
 # --- the read side -------------------------------------------------------------------------------------
-class NormalizedReplaySource(ReplaySource):
-    """Uniform pool samples, the KD augmentation (random crop with padding or random resized crop, then a
-    flip) on the stored [0, 1] images, then the teacher's normalisation: the reference's pool DataLoader
-    with the data set's training transform, on tensors. All draws come from the source's generator."""
+class AugmentAndNormalize:
+    """Mixin for a source that reads stored [0, 1] images: the KD augmentation (random crop with padding
+    or random resized crop, then a flip), then the teacher's normalisation, on every batch it reads."""
 
-    def __init__(self, buffer: ReplayBuffer, batch_size: int, rng: torch.Generator,
-                 augment: Optional[Augment], normalize: Callable[[Tensor], Tensor]) -> None:
+    def __init__(self, buffer: Any, batch_size: int, rng: torch.Generator, augment: Optional[Augment],
+                 normalize: Callable[[Tensor], Tensor]) -> None:
         super().__init__(buffer, batch_size, rng)
         self.augment, self.normalize = augment, normalize
 
@@ -255,6 +254,11 @@ class NormalizedReplaySource(ReplaySource):
         images = self.augment(batch.images) if self.augment is not None else batch.images
         batch.images = self.normalize(images)
         return batch
+
+
+class NormalizedReplaySource(AugmentAndNormalize, ReplaySource):
+    """Uniform pool samples, augmented and normalised: the reference's pool DataLoader with the data
+    set's training transform, on tensors. All draws come from the source's generator."""
 
 
 # --- the method ---------------------------------------------------------------------------------------

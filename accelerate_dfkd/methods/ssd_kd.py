@@ -90,7 +90,7 @@ from ..synthesis.base import SynthesisContext, SynthesisOutput, SyntheticBatch
 from ..synthesis.replay import REPLAY_DTYPES, PriorityReplayBuffer
 from ..synthesis.sources import PrioritySource
 from ..utils import logits_of
-from .fast_dfkd import FastDFKD, FastDFKDConfig, Normalize
+from .fast_dfkd import AugmentAndNormalize, FastDFKD, FastDFKDConfig
 
 
 # --- the modulating function (a pure function) -------------------------------------------------------
@@ -163,22 +163,10 @@ class SSDKDConfig(FastDFKDConfig):
 
 
 # --- the read side -------------------------------------------------------------------------------------
-class NormalizedPrioritySource(PrioritySource):
+class NormalizedPrioritySource(AugmentAndNormalize, PrioritySource):
     """Priority samples with their slots and IS weights, then the KD augmentation on the stored images and
     the teacher's normalisation (FastDFKD's NormalizedReplaySource, drawn by priority). All draws come
     from the source's generator, so its state_dict covers them."""
-
-    def __init__(self, buffer: PriorityReplayBuffer, batch_size: int, rng: torch.Generator,
-                 augment: Optional[Augment], normalize: Normalize) -> None:
-        super().__init__(buffer, batch_size, rng)
-        self.augment, self.normalize = augment, normalize
-
-    @torch.no_grad()
-    def next_batch(self) -> SyntheticBatch:
-        batch = super().next_batch()
-        images = self.augment(batch.images) if self.augment is not None else batch.images
-        batch.images = self.normalize(images)
-        return batch
 
 
 # --- the method ---------------------------------------------------------------------------------------
