@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import statistics
 import warnings
@@ -54,8 +55,11 @@ def make_accelerator(config: DistillConfig) -> Accelerator:
     `mixed_precision: null` (the default) leaves the choice to the launcher.
     """
     on_cpu = not torch.cuda.is_available()
+    # A DeepSpeed launch must not get cpu=True: Accelerate then drops DeepSpeed silently. Without it,
+    # DeepSpeed runs on CPU with one process (environment.md 1.3; more processes are broken there).
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     log_with = None if config.report_to == "none" else config.report_to
-    accelerator = Accelerator(cpu=on_cpu, mixed_precision=config.mixed_precision,
+    accelerator = Accelerator(cpu=on_cpu and not deepspeed_launch, mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               log_with=log_with, project_dir=config.output_dir)
     precision = str(accelerator.mixed_precision)
@@ -364,6 +368,7 @@ class Distiller:
             "steps": state.global_step,
             "synthesis_rounds": state.rounds,
             "world_size": acc.num_processes,
+            "distributed_type": str(acc.distributed_type.value),  # e.g. MULTI_CPU, MULTI_GPU, DEEPSPEED
             "synthesis_seconds": float(times[0]),
             "distill_seconds": float(times[1]),
             "wall_seconds": state.wall_seconds,  # the main process's (results.json is written by it)

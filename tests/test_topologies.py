@@ -103,3 +103,25 @@ def test_config_file_is_accepted_by_accelerate(path):
         assert config.fsdp_config["fsdp_auto_wrap_policy"] == "SIZE_BASED_WRAP"
     head = path.read_text().split("\ncompute_environment")[0]
     assert "accelerate launch --config_file recipes/accelerate/" + path.name in head.replace("\\\n#", "")
+
+
+@pytest.mark.slow  # the first DeepSpeed launch JIT-compiles its shm op (about 60 s), cached afterwards
+def test_deepspeed_zero2_single_process_on_cpu_trains_saves_and_resumes(tmp_path):
+    """DeepSpeed ZeRO-2 for the student where it can run here: one process on CPU (environment.md
+    1.3; with two, Accelerate sees world size 1). The run must really go through DeepSpeed (not be
+    dropped for cpu=True), write DeepSpeed checkpoints and resume from them."""
+    pytest.importorskip("deepspeed", reason="pip install '.[deepspeed]'")
+    out = tmp_path / "ds"
+    launch = [PYTHON, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2",
+              "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "accelerate_dfkd", RECIPE, "--output_dir", str(out)]
+    first = subprocess.run(launch + FAST, capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert (results["distributed_type"], results["world_size"], results["steps"]) == ("DEEPSPEED", 1, 10)
+    assert (out / "checkpoints/step_000010/pytorch_model").is_dir()  # DeepSpeed's own engine state
+    more = [a if a != "10" else "15" for a in FAST] + ["--resume_from_checkpoint", "latest"]
+    second = subprocess.run(launch + more, capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=600)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resumed from" in second.stderr + second.stdout
+    assert json.loads((out / "results.json").read_text())["steps"] == 15
