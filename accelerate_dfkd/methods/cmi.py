@@ -71,6 +71,7 @@ from .. import losses
 from ..config import ConfigError, MethodConfig
 from ..hooks import BatchNormStatistics, FeatureCapture, frozen, has_batchnorm, training_mode
 from ..models import build_generator
+from ..synthesis.generative import build_checked_generator
 from ..synthesis.augment import random_crop_with_padding, random_horizontal_flip, random_resized_crop
 from ..synthesis.base import SynthesisOutput, Synthesizer, SyntheticBatch
 from ..synthesis.replay import ReplayBuffer, ReplayStorageConfig
@@ -307,18 +308,9 @@ class CMI(Synthesizer):
 
     @classmethod
     def check_image_shape(cls, config: CMIConfig, image_shape: tuple[int, int, int]) -> None:
-        channels, height, width = image_shape
-        if height != width:
-            raise ConfigError(f"{config.generator} makes square images; got image shape {tuple(image_shape)}")
-        try:
-            generator = build_generator(config.generator, nz=config.nz, image_size=height, channels=channels,
-                                        ngf=config.ngf)
-        except ValueError as err:
-            raise ConfigError(f"image_size={height} cannot be produced by generator {config.generator!r}: "
-                              f"{err}") from None
-        if getattr(generator, "output_space", None) != "pixel":
-            raise ConfigError(f"CMI augments and normalises [0, 1] pixel images; generator {config.generator!r} "
-                              "is not a pixel generator: use sigmoid_generator")
+        # CMI augments [0, 1] pixels, then normalises them for the teacher: only pixel generators.
+        build_checked_generator(config.generator, nz=config.nz, ngf=config.ngf, image_shape=image_shape,
+                                output_spaces=("pixel",), method="CMI", use="sigmoid_generator")
 
     # ---------------------------------------------------------------------------------------------
     def normalize(self, pixels: Tensor) -> Tensor:

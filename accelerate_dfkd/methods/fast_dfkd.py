@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from .. import losses
 from ..config import ConfigError, MethodConfig
 from ..hooks import BatchNormStatistics, BNMomentumState, frozen, has_batchnorm, training_mode
-from ..models import build_generator
+from ..synthesis.generative import build_checked_generator
 from ..synthesis.augment import Augment
 from ..synthesis.base import SynthesisOutput, Synthesizer, SyntheticBatch
 from ..synthesis.replay import ReplayStorageConfig
@@ -197,18 +197,9 @@ class Normalize:
 
 def build_fast_generator(config: FastDFKDConfig, image_shape: Sequence[int]) -> nn.Module:
     """The meta generator, refusing shapes it cannot make and output spaces FastDFKD does not handle."""
-    channels, height, width = image_shape
-    if height != width:
-        raise ConfigError(f"{config.generator} makes square images; got image shape {tuple(image_shape)}")
-    try:
-        generator = build_generator(config.generator, nz=config.nz, image_size=height, channels=channels,
-                                    ngf=config.ngf)
-    except ValueError as err:
-        raise ConfigError(f"image_size={height} cannot be produced by generator {config.generator!r}: {err}") from None
-    space = getattr(generator, "output_space", None)
-    if space not in ("pixel", "normalized"):
-        raise ConfigError(f"generator {config.generator!r} has output space {space!r}; FastDFKD takes a 'pixel' "
-                          "(sigmoid_generator) or a 'normalized' (generator_a) generator")
+    generator = build_checked_generator(config.generator, nz=config.nz, ngf=config.ngf, image_shape=image_shape,
+                                        output_spaces=("pixel", "normalized"), method="FastDFKD",
+                                        use="sigmoid_generator (the reference's) or generator_a")
     if config.reset_first_layers and first_layers(generator) is None:
         raise ConfigError(f"generator {config.generator!r} has no Linear + BatchNorm2d input layers to re-initialise: "
                           "set reset_first_layers false")

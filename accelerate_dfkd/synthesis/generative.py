@@ -61,27 +61,32 @@ class GenerativeConfig(MethodConfig):
                               "or its generator never learns")
 
 
-def build_standardized_generator(config: GenerativeConfig, image_shape: tuple[int, ...]) -> nn.Module:
-    """The method's generator, refusing shapes it cannot make and [0, 1] "pixel" generators.
-
-    A pixel-space generator (sigmoid_generator) needs the data set's mean/std applied before the
-    teacher, as the zju-vipa code does with its Normalizer; the library has no such hook yet, so
-    feeding [0, 1] images to a teacher trained on standardised inputs would silently shift them.
-    """
+def build_checked_generator(name: str, *, nz: int, ngf: int, image_shape: tuple[int, ...],
+                            output_spaces: tuple[str, ...], method: str, use: str) -> nn.Module:
+    """Generator `name` for `image_shape`, or one ConfigError that says what to change: a non-square
+    shape, a size the generator cannot make, or an output space (models/generators.py) that `method`
+    does not handle (`use` names the generators it does)."""
     channels, height, width = image_shape
     if height != width:
-        raise ConfigError(f"{config.generator} makes square images; got image shape {tuple(image_shape)}")
+        raise ConfigError(f"{name} makes square images; got image shape {tuple(image_shape)}")
     try:
-        generator = build_generator(config.generator, nz=config.nz, image_size=height, channels=channels,
-                                    ngf=config.ngf)
+        generator = build_generator(name, nz=nz, image_size=height, channels=channels, ngf=ngf)
     except ValueError as err:
-        raise ConfigError(f"image_size={height} cannot be produced by generator {config.generator!r}: {err}") from None
-    if getattr(generator, "output_space", None) == "pixel":
-        raise ConfigError(
-            f"generator {config.generator!r} makes [0, 1] pixel images that need the data set's normalisation "
-            "before the teacher, and the library has no normalisation hook yet: use generator_a (standardised "
-            "output, fed to the teacher as is) or generator_b")
+        raise ConfigError(f"image_size={height} cannot be produced by generator {name!r}: {err}") from None
+    space = getattr(generator, "output_space", None)
+    if space not in output_spaces:
+        raise ConfigError(f"{method} takes generators with output space {' or '.join(map(repr, output_spaces))}; "
+                          f"generator {name!r} has {space!r}: use {use}")
     return generator
+
+
+def build_standardized_generator(config: GenerativeConfig, image_shape: tuple[int, ...]) -> nn.Module:
+    """The method's generator. The generator methods feed its output to the teacher as it is, so a
+    [0, 1] "pixel" generator (sigmoid_generator) is refused: use generator_a or generator_b."""
+    return build_checked_generator(config.generator, nz=config.nz, ngf=config.ngf, image_shape=image_shape,
+                                   output_spaces=("normalized", "tanh"), method="this generator method",
+                                   use="generator_a or generator_b, whose output goes to the teacher as it "
+                                       "is; a [0, 1] pixel generator would need the data set's normalisation first")
 
 
 class GenerativeSynthesizer(Synthesizer):
