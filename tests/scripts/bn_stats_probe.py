@@ -65,3 +65,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Leave together: a rank that exits while the other is still inside a gloo collective can abort
+    # ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

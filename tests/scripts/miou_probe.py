@@ -22,3 +22,9 @@ miou = evaluate_miou(nn.Identity(), data, num_classes=5, batch_size=2, process_i
                      num_processes=acc.num_processes)
 (out / f"miou_rank{acc.process_index}.json").write_text(json.dumps(
     {"miou": miou, "world_size": acc.num_processes, "slice": len(data.labels[acc.process_index::acc.num_processes])}))
+
+# Leave together: a rank that exits while the other is still inside a gloo collective can abort
+# ("terminate called without an active exception").
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

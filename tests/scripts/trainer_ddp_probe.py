@@ -39,3 +39,9 @@ rank = args.process_index
 torch.save({"world_size": args.world_size, "rounds": dataset.rounds, "batches_read": dataset.batches_read,
             "batches_per_step": dataset.batches_per_step,
             "student": {k: v.clone() for k, v in student.state_dict().items()}}, out / f"rank{rank}.pt")
+
+# Leave together: a rank that exits while the other is still inside a gloo collective can abort
+# ("terminate called without an active exception").
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
