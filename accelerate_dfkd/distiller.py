@@ -142,6 +142,10 @@ class Distiller:
             context=SynthesisContext.from_accelerator(acc, config.seed, image_mean=mean, image_std=std),
             task=config.task)
         self.source: SyntheticSource = self.synthesizer.build_source(config.per_device_train_batch_size)
+        if config.channels_last:
+            # In place: the synthesizer's optimizers keep pointing at the same parameters.
+            for module in (self.teacher, *self.synthesizer.modules().values()):
+                module.to(memory_format=torch.channels_last)
 
         optimizer = torch.optim.SGD(student.parameters(), lr=config.learning_rate, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
@@ -197,9 +201,15 @@ class Distiller:
         results = self._results(final_top1)
         self._write_outputs(results)
         self.callbacks.on_train_end(state, results)
-        # Ranks leave together: a gloo rank that tears its process group down while another is
-        # still writing the report can abort at exit ("terminate called without an active exception").
+        # Ranks leave together, and the process group dies here rather than at interpreter exit.
+        # DDP's reducer holds a reference to the gloo group, so destroy_process_group alone leaves
+        # it alive; finalizing it during interpreter shutdown aborted a rank now and then in CI
+        # ("terminate called without an active exception", pytorch/pytorch#179291). Unwrapping
+        # the student and dropping Accelerate's references first lets the group die while Python
+        # is still whole.
         acc.wait_for_everyone()
+        self.student = acc.unwrap_model(self.student)
+        acc.free_memory()
         acc.end_training()
         return results
 

@@ -139,7 +139,7 @@ def pair_label(name: str, spec: dict[str, Any]) -> str:
 
 
 def bench_pair(lib: SimpleNamespace, name: str, spec: dict[str, Any], args: argparse.Namespace,
-               device: torch.device) -> dict[str, Any]:
+               device: torch.device, layout: str = "contiguous") -> dict[str, Any]:
     B, C, S = args.batch_size, spec["channels"], spec["image_size"]
     gc.collect()
     if device.type == "cuda":
@@ -160,6 +160,9 @@ def bench_pair(lib: SimpleNamespace, name: str, spec: dict[str, Any], args: argp
     except (ValueError, lib.ConfigError) as err:
         sys.exit(f"error: pair {pair_label(name, spec)!r}: {err}")
 
+    if layout == "channels_last":  # what the Distiller does for `channels_last: true`
+        for module in (teacher, *synth.modules().values()):
+            module.to(memory_format=torch.channels_last)
     batches = iter(synth.build_source(B))
     # The Distiller's student optimizer (DistillConfig defaults: lr 0.1, momentum 0.9, wd 5e-4).
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -230,6 +233,7 @@ def bench_pair(lib: SimpleNamespace, name: str, spec: dict[str, Any], args: argp
         "preset": name,
         **spec,
         "device": device.type,
+        "memory_format": layout,
         "precision": args.precision,
         "effective_precision": effective_precision(args.precision, device),
         "batch": B,
@@ -267,15 +271,15 @@ def effective_precision(precision: str, device: torch.device) -> str:
 # --------------------------------------------------------------------------------------------
 def markdown_table(rows: list[dict[str, Any]], device: torch.device) -> str:
     mem_header = "peak CUDA mem (MiB)" if device.type == "cuda" else "peak RSS increase (MiB)*"
-    headers = ["pair", "device", "precision", "batch", "synthesis image-steps/s",
+    headers = ["pair", "device", "memory format", "precision", "batch", "synthesis image-steps/s",
                "distillation samples/s", "ms / DFAD round (1 G + 5 S)", mem_header]
     lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join(["---"] * 4 + ["---:"] * 4) + "|"]
+             "|" + "|".join(["---"] * 5 + ["---:"] * 4) + "|"]
     for r in rows:
         precision = r["precision"]
         if r["effective_precision"] != precision:
             precision += " (ignored: fp32)"
-        cells = [r["pair"], r["device"], precision, str(r["batch"]),
+        cells = [r["pair"], r["device"], r["memory_format"], precision, str(r["batch"]),
                  f"{r['synthesis_image_steps_per_s']:,.0f}", f"{r['distillation_samples_per_s']:,.0f}",
                  f"{r['ms_per_round']:,.1f}", f"{r['peak_memory_mib']:,.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -304,6 +308,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory_format", choices=("contiguous", "channels_last", "both"), default="contiguous",
+                   help="teacher and generator layout (DistillConfig.channels_last); 'both': two rows per pair, "
+                        "side by side in one run")
     p.add_argument("--json", metavar="PATH", help="also write the rows (and the header) as JSON")
     p.add_argument("--import_retries", type=int, default=3,
                    help="retries when importing accelerate_dfkd fails (default 3)")
@@ -387,9 +394,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(flush=True)
 
     rows = []
+    layouts = ("contiguous", "channels_last") if args.memory_format == "both" else (args.memory_format,)
     for name, spec in pairs:
-        rows.append(bench_pair(lib, name, spec, args, device))
-        print(f"  done: {rows[-1]['pair']}", file=sys.stderr, flush=True)
+        for layout in layouts:
+            rows.append(bench_pair(lib, name, spec, args, device, layout))
+            print(f"  done: {rows[-1]['pair']} ({layout})", file=sys.stderr, flush=True)
     print(markdown_table(rows, device))
     if device.type == "cpu":
         print("\n* process-wide: growth of the process's peak RSS (resource.getrusage ru_maxrss) "

@@ -162,3 +162,23 @@ def test_segmentation_pair_distils_with_dense_l1(tmp_path):
     assert not any(key.endswith("_top1") for key in results)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert all(-1.0 < row["synthesis/adversarial"] <= 0 for row in log if "synthesis/adversarial" in row)
+
+
+def test_channels_last_runs_the_same_training_and_saves_plain_checkpoints(tmp_path):
+    """channels_last is a memory layout, not a different computation: the same student up to float
+    rounding, generator weights really in channels_last, and checkpoints that resume."""
+    students = {}
+    for layout in (False, True):
+        _reset_accelerate()
+        cfg, method = small_configs(tmp_path / str(layout), max_steps=6, save_steps=3, channels_last=layout)
+        distiller = Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student())
+        distiller.train()
+        conv = next(m for m in distiller.synthesizer.generator.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == layout
+        students[layout] = distiller.student.state_dict()
+    for key, value in students[False].items():
+        assert torch.allclose(value.float(), students[True][key].float(), atol=1e-4), key
+    _reset_accelerate()
+    cfg, method = small_configs(tmp_path / "True", max_steps=9, channels_last=True,
+                                resume_from_checkpoint="latest")
+    assert Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student()).train()["steps"] == 9

@@ -33,6 +33,7 @@ def test_ranks_synthesize_different_images_and_end_with_identical_students(tmp_p
     run([*LAUNCH, "--main_process_port", "29611", str(REPO / "tests/scripts/ddp_probe.py"), str(tmp_path)], 29611)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["live_ddp"] == r1["live_ddp"] == 0 and not (r0["process_group_alive"] or r1["process_group_alive"])
     assert not torch.allclose(r0["synthesis"], r1["synthesis"]), "ranks synthesized the same images"
     assert not torch.allclose(r0["batch"], r1["batch"]), "ranks drew the same student batch"
     for key in r0["student"]:

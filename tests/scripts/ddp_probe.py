@@ -1,10 +1,13 @@
 """Run under a 2-process launch by tests/test_multiprocess.py: a short DFAD run through the Python
 API, recording what each rank synthesized and the student and generator it ended with."""
 
+import gc
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from accelerate_dfkd import Callback, Distiller
 from accelerate_dfkd.config import DistillConfig
@@ -40,4 +43,8 @@ rank = distiller.accelerator.process_index
 torch.save({"synthesis": first_images["synthesis"], "batch": batch,
             "student": distiller.accelerator.unwrap_model(distiller.student).state_dict(),
             "generator": distiller.synthesizer.generator.state_dict(),
-            "world_size": results["world_size"]}, out / f"rank{rank}.pt")
+            "world_size": results["world_size"],
+            # The end of train() must leave no DDP wrapper (it keeps the gloo group alive until
+            # interpreter exit, where tearing it down aborted a rank now and then) and no group.
+            "live_ddp": sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()),
+            "process_group_alive": dist.is_initialized()}, out / f"rank{rank}.pt")
