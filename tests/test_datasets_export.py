@@ -108,6 +108,13 @@ def test_rounds_mode_exports_what_each_synthesis_round_makes(tmp_path):
     pool = synth.pool.images[:20].float()
     images = dequantize_images(rows["image"].numpy(), rows["image_low"].numpy(), rows["image_high"].numpy())
     assert torch.allclose(images, pool, atol=0.05)  # float16 pool vs uint8 export of the same images
+    # DeepInversion aims each image at a class (its cross-entropy target, sorted per round).
+    aimed = rows["aimed_class"]
+    assert aimed.dtype == torch.int64 and aimed.shape == (20,) and 0 <= aimed.min() and aimed.max() < 10
+    for start in (0, 8):
+        assert torch.equal(aimed[start:start + 8], aimed[start:start + 8].sort().values)
+    batch = DatasetSource(tmp_path / "di", 20, torch.Generator().manual_seed(0), shuffle=False).next_batch()
+    assert torch.equal(batch.targets.cpu(), aimed)
 
 
 def test_dataset_source_reads_every_image_once_per_epoch_and_resumes(tmp_path):

@@ -402,7 +402,7 @@ class CMI(Synthesizer):
         out = {k: v.detach() for k, v in terms.items()}
         out["total"] = detached           # the final iterate's loss
         out["best_total"] = best_loss     # the loss of the images added to the pool
-        return SynthesisOutput(losses=out, images=self.normalize(best_pixels))
+        return SynthesisOutput(losses=out, images=self.normalize(best_pixels), targets=targets)
 
     def _inversion_step(self, loss: Tensor, optimizer: torch.optim.Optimizer, lr: float) -> None:
         """One Adam step of this rank's generator + latents, and one of the projection head. No gradient

@@ -355,7 +355,7 @@ class DeepInversion(Synthesizer):
         losses = {k: v.detach() for k, v in terms.items()}
         losses["total"] = detached          # the final iterate's loss
         losses["best_total"] = best_loss    # the loss of the images added to the pool
-        return SynthesisOutput(losses=losses, images=best_images)
+        return SynthesisOutput(losses=losses, images=best_images, targets=targets.to(best_images.device))
 
     # ---------------------------------------------------------------------------------------------
     def build_source(self, batch_size: int) -> ReplaySource:

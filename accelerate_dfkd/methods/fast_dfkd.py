@@ -404,7 +404,7 @@ class FastDFKD(Synthesizer):
         out = {k: v.detach() for k, v in terms.items()}
         out["total"] = detached          # the last inner iterate's loss
         out["best_total"] = best_loss    # the loss of the images added to the pool
-        return SynthesisOutput(losses=out, images=self.normalize(best_images))
+        return SynthesisOutput(losses=out, images=self.normalize(best_images), targets=targets)
 
     def _meta_step(self, params: list[nn.Parameter], grads: list[Tensor], finite: bool) -> None:
         """One meta Adam step with the gradients averaged over ranks; skipped when fp16 overflowed."""

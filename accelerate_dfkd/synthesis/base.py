@@ -41,6 +41,9 @@ class SynthesisOutput:
 
     losses: dict[str, Tensor] = field(default_factory=dict)
     images: Optional[Tensor] = None
+    # The class each image was aimed at, for methods that aim (DeepInversion, CMI, FastDFKD: the
+    # cross-entropy target); `accelerate-dfkd synthesize` exports it as `aimed_class`.
+    targets: Optional[Tensor] = None
 
 
 @dataclass
