@@ -231,3 +231,38 @@ def test_trainer_under_ddp_synthesizes_on_rank_0_for_both_ranks(tmp_path):
     for key, value in rank0["student"].items():
         if value.is_floating_point() and "running" not in key:
             assert torch.equal(value, rank1["student"][key]), key
+
+
+def test_ssd_kd_priorities_are_refreshed_from_the_loop_and_a_missing_call_warns():
+    """SSD-KD re-scores the replay slots a batch came from with the student's KL on them (Eq. 4).
+    Outside the Distiller, the loop hands the batch back: dataset.after_student_step(batch, logits)."""
+    def ssd_dataset(student):
+        return SyntheticDataset.from_method("ssd_kd", tiny_teacher(), student, image_shape=SHAPE, num_classes=10,
+                                            batch_size=16, image_mean=[0.3056], image_std=[0.3761], nz=16, ngf=8,
+                                            per_device_synthesis_batch_size=16, pool_capacity=48, generator_steps=1,
+                                            warmup_rounds=0, student_steps_per_round=2)
+
+    student = tiny_student()
+    ds = ssd_dataset(student)
+    batches = iter(DataLoader(ds, batch_size=16))
+    batch = next(batches)
+    assert batch["replay_indices"].dtype == torch.int64 and "weights" in batch
+    pool = ds.synthesizer.pool
+    before = pool.priorities.clone()
+    with torch.no_grad():
+        logits = student(batch["pixel_values"])
+    ds.after_student_step(batch, logits)
+    slots = batch["replay_indices"].unique()
+    assert not torch.equal(pool.priorities[slots], before[slots]), "the drawn slots kept their priorities"
+    others = torch.ones(len(before), dtype=torch.bool)
+    others[slots] = False
+    assert torch.equal(pool.priorities[others], before[others])
+
+    silent = ssd_dataset(tiny_student())
+    with pytest.warns(UserWarning, match="after_student_step"):
+        for _, _ in zip(range(8), silent.iter_batches()):
+            pass
+    # DFAD needs nothing back: the call is a no-op and nothing warns.
+    dfad = tiny_dataset(tiny_student())
+    assert not dfad.needs_feedback
+    dfad.after_student_step(dfad.next_batch(), torch.zeros(16, 10))

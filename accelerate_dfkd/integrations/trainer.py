@@ -17,6 +17,9 @@ What it yields, one sample at a time (the caller's DataLoader or the Trainer col
     labels          () int64, the teacher's argmax; only with `with_labels=True`, so that a stock
                     `Trainer` on a transformers model (its own cross-entropy on `labels`) also trains
     weights         () float32, per-sample loss weights, only where the method's source gives them
+    replay_indices  () int64, the sample's slot in the method's replay buffer, only where the source
+                    gives them (SSD-KD): hand the batch back with `dataset.after_student_step(batch,
+                    student_logits)` after the student's step, so the method re-scores those slots
 
 Teacher logits are computed here once per batch, so a KD loss needs no second teacher forward.
 
@@ -55,7 +58,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..config import ConfigError, MethodConfig, load_recipe
 from ..evaluation import recipe_input_normalization, resolve_input_normalization
 from ..hooks import has_batchnorm
-from ..synthesis import SynthesisContext, Synthesizer
+from ..synthesis import SynthesisContext, SyntheticBatch, Synthesizer
 from ..teachers import check_classifier_output, freeze
 from ..utils import logits_of
 
@@ -148,6 +151,10 @@ class SyntheticDataset(IterableDataset):
         self.batches_read = 0            # over all iterations of this dataset
         self.last_synthesis_losses: dict[str, Tensor] = {}
         self.synthesis_seconds = 0.0
+        # Methods that learn from what the student just saw (SSD-KD's priorities) override the hook.
+        self.needs_feedback = type(synthesizer).after_student_step is not Synthesizer.after_student_step
+        self.feedback_calls = 0
+        self._warned_no_feedback = False
 
     # --- constructors ----------------------------------------------------------------------------
     @classmethod
@@ -223,8 +230,36 @@ class SyntheticDataset(IterableDataset):
             out["labels"] = teacher_logits.argmax(dim=1)
         if batch.weights is not None:
             out["weights"] = batch.weights.float()
+        if batch.indices is not None:
+            out["replay_indices"] = batch.indices.long()
         self.batches_read += 1
+        self._warn_if_feedback_missing()
         return {key: value.detach().to(self.output_device) for key, value in out.items()}
+
+    def after_student_step(self, batch: dict[str, Tensor], student_logits: Tensor) -> None:
+        """Hand a collated batch and the student's logits on it back to the method, as the Distiller
+        does after every student step (SSD-KD re-scores the replay slots it drew, Eq. 4). Call it in
+        your loss (a Trainer's `compute_loss`) with the batch the loss saw; a no-op for methods that
+        need nothing back. Under a multi-process Trainer only rank 0's own slice reaches the buffer
+        (rank 0 draws every rank's batch; the other slices keep their priorities until drawn again)."""
+        self.feedback_calls += 1
+        if not self.needs_feedback or "replay_indices" not in batch:
+            return
+        device = self.synthesizer.context.device
+        weights = batch.get("weights")
+        synthetic = SyntheticBatch(images=batch["pixel_values"].detach(), indices=batch["replay_indices"],
+                                   weights=None if weights is None else weights.detach())
+        self.synthesizer.after_student_step(synthetic.to(device), student_logits.detach().float().to(device),
+                                            batch["teacher_logits"].detach().float().to(device))
+
+    def _warn_if_feedback_missing(self) -> None:
+        # A few rounds without feedback: say so once, rather than letting priorities go stale silently.
+        if (self.needs_feedback and not self._warned_no_feedback and self.feedback_calls == 0
+                and self.batches_read > 2 * self.synthesize_every * self.batches_per_step + 1):
+            self._warned_no_feedback = True
+            warnings.warn(f"{type(self.synthesizer).__name__} learns from the student's logits on each batch it "
+                          "served, but dataset.after_student_step(batch, student_logits) has not been called: call "
+                          "it in your loss after the student's forward, or its replay priorities never change")
 
     def iter_batches(self) -> Iterator[dict[str, Tensor]]:
         """Whole batches (a plain loop that wants no DataLoader)."""
