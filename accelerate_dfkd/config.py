@@ -98,6 +98,7 @@ class DistillConfig:
     report_to: str = "tensorboard"  # an Accelerate tracker name, "all" or "none"
     image_grid_rounds: int = 0  # write a PNG grid of synthetic images every N rounds (0: never)
     progress_bar: bool = True
+    write_report: bool = True  # OUTPUT_DIR/report.md with PNG plots at the end (matplotlib, about 1 s)
     num_threads: Optional[int] = None  # torch.set_num_threads per process
     # Teacher and synthesis networks (generators, VAE) in channels_last memory format: the convs of
     # a generator step run 1.6x faster on CPU (oneDNN; benchmarks/memory_format.py). The student

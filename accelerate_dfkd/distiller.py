@@ -162,7 +162,8 @@ class Distiller:
             builtins.append(ProgressCallback(every=config.logging_steps or 10))
         if config.image_grid_rounds:
             builtins.append(ImageGridCallback(config.image_grid_rounds, upscale=max(1, 64 // config.image_size)))
-        builtins.append(ReportCallback(acc, upscale=max(1, 64 // config.image_size)))  # OUTPUT_DIR/report.md
+        if config.write_report:  # OUTPUT_DIR/report.md; `accelerate-dfkd report DIR` writes it later
+            builtins.append(ReportCallback(acc, upscale=max(1, 64 // config.image_size)))
         self.callbacks = CallbackHandler([*builtins, *callbacks])
         self._last_synthesis_losses: dict[str, Tensor] = {}
 

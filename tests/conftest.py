@@ -58,7 +58,7 @@ def tiny_student(seed: int = 1) -> torch.nn.Module:
 def small_configs(tmp_path: Path, **overrides) -> tuple[DistillConfig, DFADConfig]:
     loop = dict(output_dir=str(tmp_path / "run"), max_steps=10, per_device_train_batch_size=16,
                 eval_steps=0, save_steps=0, logging_steps=5, report_to="none", progress_bar=False,
-                teacher_checkpoint="unused", eval_dataset="none")
+                teacher_checkpoint="unused", eval_dataset="none", write_report=False)  # tests/test_report.py
     method = dict(nz=16, ngf=8, per_device_synthesis_batch_size=16)
     for key, value in overrides.items():
         (loop if key in DistillConfig.__dataclass_fields__ else method)[key] = value
@@ -76,7 +76,8 @@ def short_digits_run(tmp_path: Path, method: str, method_config, max_steps: int,
     torch.manual_seed(0)
     student = build_model("digits_cnn_half", 10, in_channels=1)
     config = DistillConfig(method=method, output_dir=str(tmp_path / "run"), max_steps=max_steps, eval_steps=0,
-                           save_steps=0, report_to="none", progress_bar=False, teacher_checkpoint="python",
+                           save_steps=0, report_to="none", progress_bar=False, write_report=False,
+                           teacher_checkpoint="python",
                            eval_dataset="digits", per_device_train_batch_size=batch_size)
     results = Distiller(config, method_config, teacher=teacher, student=student,
                         eval_data=load_digits_split("test")).train()

@@ -123,7 +123,7 @@ def test_report_command_on_a_folder_without_results_is_one_clear_error(tmp_path,
 
 
 def test_run_without_evaluation_drops_an_older_top1_plot(tmp_path):
-    cfg, method = small_configs(tmp_path, max_steps=6, logging_steps=2)
+    cfg, method = small_configs(tmp_path, max_steps=6, logging_steps=2, write_report=True)
     stale = tmp_path / "run/report/top1.png"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"an older run's plot")
@@ -136,17 +136,25 @@ def test_run_without_evaluation_drops_an_older_top1_plot(tmp_path):
 
 
 def test_wall_seconds_continue_from_the_checkpoint_after_a_resume(tmp_path):
-    cfg, method = small_configs(tmp_path, max_steps=6, save_steps=3)
+    cfg, method = small_configs(tmp_path, max_steps=6, save_steps=3, write_report=True)
     Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student()).train()
     saved = json.loads((tmp_path / "run/checkpoints/step_000006/trainer_state.json").read_text())
     assert saved["wall_seconds"] >= saved["synthesis_seconds"] + saved["distill_seconds"] > 0
     _reset_accelerate()
-    cfg, method = small_configs(tmp_path, max_steps=10, save_steps=3, resume_from_checkpoint="latest")
+    cfg, method = small_configs(tmp_path, max_steps=10, save_steps=3, resume_from_checkpoint="latest",
+                                write_report=True)
     results = Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student()).train()
     segment = (results["synthesis_seconds"] - saved["synthesis_seconds"]) + (results["distill_seconds"]
                                                                              - saved["distill_seconds"])
     assert segment > 0 and results["wall_seconds"] >= saved["wall_seconds"] + segment
     assert table_row(tmp_path / "run/report.md")[11] == f"{results['wall_seconds']:.1f}"
+
+
+def test_write_report_false_leaves_no_report(tmp_path):
+    cfg, method = small_configs(tmp_path, max_steps=2, write_report=False)
+    Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student()).train()
+    assert (tmp_path / "run/results.json").is_file()
+    assert not (tmp_path / "run/report.md").exists() and not (tmp_path / "run/report").exists()
 
 
 def test_read_log_keeps_the_resumed_value_and_skips_a_cut_line(tmp_path):
