@@ -2,6 +2,7 @@
 (DDP over gloo) trains on a SyntheticDataset; each rank records what it synthesized and the student
 it ended with."""
 
+import gc
 import sys
 from pathlib import Path
 
@@ -40,8 +41,10 @@ torch.save({"world_size": args.world_size, "rounds": dataset.rounds, "batches_re
             "batches_per_step": dataset.batches_per_step,
             "student": {k: v.clone() for k, v in student.state_dict().items()}}, out / f"rank{rank}.pt")
 
-# Leave together: a rank that exits while the other is still inside a gloo collective can abort
-# ("terminate called without an active exception").
+# Leave together, and let the gloo group die now: the Trainer's DDP wrapper holds it, and one left
+# for interpreter exit can abort a rank ("terminate called without an active exception").
+del trainer
+gc.collect()
 if torch.distributed.is_initialized():
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
