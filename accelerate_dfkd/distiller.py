@@ -143,9 +143,7 @@ class Distiller:
             task=config.task)
         self.source: SyntheticSource = self.synthesizer.build_source(config.per_device_train_batch_size)
         if config.channels_last:
-            # In place: the synthesizer's optimizers keep pointing at the same parameters.
-            for module in (self.teacher, *self.synthesizer.modules().values()):
-                module.to(memory_format=torch.channels_last)
+            self.synthesizer.to_channels_last()
 
         optimizer = torch.optim.SGD(student.parameters(), lr=config.learning_rate, momentum=config.momentum,
                                     weight_decay=config.weight_decay)

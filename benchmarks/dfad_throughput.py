@@ -161,8 +161,7 @@ def bench_pair(lib: SimpleNamespace, name: str, spec: dict[str, Any], args: argp
         sys.exit(f"error: pair {pair_label(name, spec)!r}: {err}")
 
     if layout == "channels_last":  # what the Distiller does for `channels_last: true`
-        for module in (teacher, *synth.modules().values()):
-            module.to(memory_format=torch.channels_last)
+        synth.to_channels_last()
     batches = iter(synth.build_source(B))
     # The Distiller's student optimizer (DistillConfig defaults: lr 0.1, momentum 0.9, wd 5e-4).
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)

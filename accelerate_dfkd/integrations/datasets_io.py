@@ -148,7 +148,7 @@ def _image_batches(synthesizer: Synthesizer, student: Optional[nn.Module], mode:
             if output.images is None:
                 raise ConfigError(f"{type(synthesizer).__name__}.synthesize() returns no images: export it with "
                                   "mode='source'")
-            yield output.images, getattr(output, "targets", None)
+            yield output.images, output.targets
     source = synthesizer.build_source(batch_size)
     drawn = 0
     while True:

@@ -204,6 +204,12 @@ class Synthesizer(ABC):
         """Networks this synthesizer trains (for devices, grids and state)."""
         return {}
 
+    def to_channels_last(self) -> None:
+        """The teacher and every network of `modules()` in channels_last memory format (DistillConfig
+        `channels_last`), in place, so the optimizers keep pointing at the same parameters."""
+        for module in (self.teacher, *self.modules().values()):
+            module.to(memory_format=torch.channels_last)
+
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {}
 
