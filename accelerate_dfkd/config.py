@@ -90,6 +90,9 @@ class DistillConfig:
     lr_gamma: float = 0.1
     lr_min: float = 0.0  # cosine floor (eta_min)
     max_grad_norm: Optional[float] = None
+    # Deliver (evaluate, save) an exponential moving average of the student's weights with this decay,
+    # e.g. 0.999; the online student still plays the method's game. Not in any DFKD paper (ema.py). None: off.
+    student_ema_decay: Optional[float] = None
     # --- checkpoints, logging ---------------------------------------------------------------
     save_steps: int = 0  # 0: only at the end
     save_total_limit: int = 2
@@ -114,6 +117,9 @@ class DistillConfig:
         for name in ["eval_steps", "save_steps", "logging_steps", "image_grid_rounds"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 disables it), got {getattr(self, name)}")
+        if self.student_ema_decay is not None and not 0.0 < self.student_ema_decay < 1.0:
+            raise ConfigError(f"student_ema_decay must be in (0, 1), e.g. 0.999 (an average over about 1000 steps), "
+                              f"or none to turn it off; got {self.student_ema_decay}")
         if self.save_total_limit < 1:
             raise ConfigError(f"save_total_limit must be >= 1, got {self.save_total_limit}")
         if self.lr_scheduler == "multistep" and not self.lr_milestones:

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -36,6 +36,7 @@ from . import checkpointing
 from .callbacks import (BestStudentCallback, Callback, CallbackHandler, ImageGridCallback, ProgressCallback,
                         TimingCallback, TrainerState)
 from .config import ConfigError, DistillConfig, MethodConfig, flat_dict
+from .ema import StudentEMA
 from .evaluation import LabeledImages, evaluate_classifier, resolve_input_normalization
 from .hooks import has_batchnorm
 from .methods import METHODS
@@ -150,8 +151,13 @@ class Distiller:
         # Not prepared: a prepared scheduler steps once per process per call; ours steps once per
         # optimizer step. Registered so that save_state/load_state carry it.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(config, step))
+        if config.student_ema_decay is not None:
+            self._check_ema_supported()  # before prepare(), which would shard the weights
         self.student, self.optimizer = acc.prepare(student, optimizer)
         acc.register_for_checkpointing(self.scheduler)
+        self.ema: Optional[StudentEMA] = None
+        if config.student_ema_decay is not None:
+            self.ema = StudentEMA(acc.unwrap_model(self.student), config.student_ema_decay)
 
         self.state = TrainerState(max_steps=config.max_steps, output_dir=self.output_dir,
                                   is_main_process=acc.is_main_process, device=acc.device)
@@ -164,6 +170,7 @@ class Distiller:
             builtins.append(ReportCallback(acc, upscale=max(1, 64 // config.image_size)))
         self.callbacks = CallbackHandler([*builtins, *callbacks])
         self._last_synthesis_losses: dict[str, Tensor] = {}
+        self._last_online_top1: Optional[float] = None
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -247,7 +254,23 @@ class Distiller:
             for key, value in terms.items():
                 totals[key] = totals.get(key, 0) + value.detach() / cfg.gradient_accumulation_steps
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(acc.unwrap_model(self.student))
         return totals
+
+    def _check_ema_supported(self) -> None:
+        acc = self.accelerator
+        plugin = acc.state.deepspeed_plugin
+        zero_stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage") if plugin is not None else None
+        sharded = acc.distributed_type == DistributedType.FSDP or zero_stage == 3
+        if sharded:
+            raise ConfigError("student_ema_decay needs the student's full weights on every process, but FSDP and "
+                              "DeepSpeed ZeRO-3 shard them: use DDP or ZeRO stage 1/2, or drop student_ema_decay")
+
+    def delivered_student(self) -> nn.Module:
+        """The student a run evaluates and saves: the weight average with `student_ema_decay`, else the
+        online student."""
+        return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.student)
 
     # --- evaluation, logging --------------------------------------------------------------------
     def _top1(self, model: nn.Module) -> float:
@@ -267,6 +290,8 @@ class Distiller:
         if self.accelerator.num_processes <= 1:
             return
         modules = [self.accelerator.unwrap_model(self.student)]
+        if self.ema is not None:
+            modules.append(self.ema.module)
         if include_synthesizer:
             modules += list(self.synthesizer.modules().values())
         for module in modules:
@@ -279,8 +304,9 @@ class Distiller:
         if self.eval_data is None:
             return None
         self._average_buffers()
-        student = self.accelerator.unwrap_model(self.student)
-        top1 = self._top1(student)
+        online_top1 = self._top1(self.accelerator.unwrap_model(self.student)) if self.ema is not None else None
+        student = self.delivered_student()
+        top1 = self._top1(student)  # last, so that _last_scores are the delivered student's
         self.state.eval_history.append((self.state.global_step, top1))
         # PRE-DFKD's robustness metrics, running: a user without a validation set gets the final
         # value, so the spread over training is logged next to it, not only the maximum.
@@ -289,6 +315,9 @@ class Distiller:
         metrics = {f"eval/{m}": top1, f"eval/best_{m}": max(history), f"eval/mean_{m}": statistics.fmean(history),
                    f"eval/var_{m}": statistics.pvariance(history)}
         metrics.update({f"eval/{name}": value for name, value in self._last_scores.items() if name != m})
+        if online_top1 is not None:  # what the EMA is worth, measured in the same evaluation
+            metrics[f"eval/online_{m}"] = online_top1
+            self._last_online_top1 = online_top1
         self.callbacks.on_evaluate(self.state, metrics, student=student)
         self._log_scalars(metrics)
         return top1
@@ -330,8 +359,8 @@ class Distiller:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 shutil.rmtree(self.output_dir / "checkpoints", ignore_errors=True)
-                for name in ("results.json", "log.jsonl", "student.safetensors", "best_student.safetensors",
-                             "report.md"):
+                for name in ("results.json", "log.jsonl", "student.safetensors", "student_online.safetensors",
+                             "best_student.safetensors", "report.md"):
                     (self.output_dir / name).unlink(missing_ok=True)
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -342,6 +371,8 @@ class Distiller:
     def _save(self) -> None:
         self._average_buffers(include_synthesizer=True)
         rank_state = {"synthesizer": self.synthesizer.state_dict(), "source": self.source.state_dict()}
+        if self.ema is not None:
+            rank_state["student_ema"] = self.ema.state_dict()
         path = checkpointing.save_checkpoint(self.accelerator, self.output_dir / "checkpoints", self.state.global_step,
                                              rank_state, self.state.to_json(), self.config.save_total_limit)
         self.callbacks.on_save(self.state, path)
@@ -350,6 +381,15 @@ class Distiller:
         rank_state, trainer_state = checkpointing.load_checkpoint(self.accelerator, checkpoint)
         self.synthesizer.load_state_dict(rank_state["synthesizer"])
         self.source.load_state_dict(rank_state["source"])
+        if self.ema is not None and "student_ema" in rank_state:
+            self.ema.load_state_dict(rank_state["student_ema"])
+        elif self.ema is not None:
+            # A run that turns the EMA on when resuming: the average starts from the resumed student.
+            self.ema = StudentEMA(self.accelerator.unwrap_model(self.student), self.ema.decay)
+            logger.warning(f"{checkpoint} has no student EMA: it starts from the resumed student", main_process_only=True)
+        elif "student_ema" in rank_state:
+            logger.warning(f"{checkpoint} holds a student EMA but this run has no student_ema_decay: the average is "
+                           "dropped and the online student is delivered", main_process_only=True)
         teacher_top1 = self.state.teacher_top1
         self.state.load_json(trainer_state)
         self.state.teacher_top1 = teacher_top1 if teacher_top1 is not None else self.state.teacher_top1
@@ -368,6 +408,8 @@ class Distiller:
             "metric": m,
             f"teacher_{m}": state.teacher_top1,
             f"student_{m}": final_top1,
+            # with student_ema_decay: the online (not averaged) student's final score, for comparison
+            f"online_student_{m}": self._last_online_top1 if self.ema is not None and final_top1 is not None else None,
             f"best_student_{m}": state.best_top1,
             "best_step": state.best_step,
             f"mean_student_{m}": statistics.fmean(history) if history else None,
@@ -391,10 +433,13 @@ class Distiller:
     def _write_outputs(self, results: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
-        student = self.accelerator.unwrap_model(self.student)
-        tmp = self.output_dir / ".student.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(tmp))
-        tmp.replace(self.output_dir / "student.safetensors")
+        delivered = {"student.safetensors": self.delivered_student()}
+        if self.ema is not None:
+            delivered["student_online.safetensors"] = self.accelerator.unwrap_model(self.student)
+        for name, model in delivered.items():
+            tmp = self.output_dir / f".{name}.tmp"
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+            tmp.replace(self.output_dir / name)
         from .utils import atomic_write_bytes
 
         atomic_write_bytes(self.output_dir / "results.json", json.dumps(results, indent=2).encode())

@@ -54,8 +54,12 @@ def test_accelerate_launch_cli_writes_world_size_2(tmp_path):
 def test_torchrun_cli_writes_world_size_2_and_resumes(tmp_path):
     out = tmp_path / "x"
     torchrun = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
-                "-m", "accelerate_dfkd", str(REPO / "recipes/digits/dfad.yaml"), "--output_dir", str(out), *FAST]
+                "-m", "accelerate_dfkd", str(REPO / "recipes/digits/dfad.yaml"), "--output_dir", str(out), *FAST,
+                "--student_ema_decay", "0.9"]
     run([*torchrun, "--max_steps", "10", "--save_steps", "5"], 29613)
-    run([*torchrun, "--max_steps", "20", "--resume_from_checkpoint", "latest"], 29613)
+    resumed = run([*torchrun, "--max_steps", "20", "--resume_from_checkpoint", "latest"], 29613)
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 20
+    assert "no student EMA" not in resumed.stderr + resumed.stdout
+    # the student's weight average (its BatchNorm statistics averaged over ranks) crossed the resume
+    assert results["online_student_top1"] is not None and results["config"]["student_ema_decay"] == 0.9

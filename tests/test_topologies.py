@@ -125,3 +125,14 @@ def test_deepspeed_zero2_single_process_on_cpu_trains_saves_and_resumes(tmp_path
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resumed from" in second.stderr + second.stdout
     assert json.loads((out / "results.json").read_text())["steps"] == 15
+
+
+@pytest.mark.slow  # a DeepSpeed launch (see above)
+def test_student_ema_with_zero3_is_refused_before_anything_is_sharded(tmp_path):
+    pytest.importorskip("deepspeed", reason="pip install '.[deepspeed]'")
+    launch = [PYTHON, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "3",
+              "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "accelerate_dfkd", RECIPE, "--output_dir", str(tmp_path / "ds"), "--student_ema_decay", "0.9"]
+    proc = subprocess.run(launch + FAST, capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=600)
+    assert proc.returncode != 0
+    assert "FSDP and DeepSpeed ZeRO-3 shard them" in proc.stderr
