@@ -21,7 +21,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from torch import Tensor
 
@@ -123,15 +123,20 @@ def _save(figure, path: Path) -> Path:
 
 def plot_evaluation(history: list[tuple[int, float]], path: Path, teacher_score: Optional[float] = None,
                     title: str = "", lr_milestones: tuple[int, ...] = (),
-                    ylabel: str = "top-1 accuracy (%)") -> Optional[Path]:
+                    ylabel: str = "top-1 accuracy (%)",
+                    online: Sequence[tuple[int, float]] = ()) -> Optional[Path]:
     """Student top-1 (or the run's metric) on the real held-out set at each evaluation; the teacher
-    as a dashed line and the LR decay steps as dotted ones (jumps in accuracy often sit there)."""
+    as a dashed line and the LR decay steps as dotted ones (jumps in accuracy often sit there).
+    `online`: with student_ema_decay, the online student's scores, drawn next to the average's."""
     figure = _figure(8, 4.5) if history else None
     if figure is None:
         return None
     ax = figure.add_subplot()
     steps, scores = zip(*history)
-    ax.plot(steps, scores, marker="o", markersize=4, linewidth=1.5, label="student")
+    ax.plot(steps, scores, marker="o", markersize=4, linewidth=1.5,
+            label="student (weight average)" if online else "student")
+    if online:
+        ax.plot(*zip(*online), marker=".", linewidth=1, color="tab:green", label="online student")
     best = max(range(len(scores)), key=scores.__getitem__)
     ax.plot([steps[best]], [scores[best]], marker="*", markersize=14, linestyle="none", color="tab:red",
             label=f"best {scores[best]:.2f}% (step {steps[best]})")
@@ -212,7 +217,8 @@ def write_report(output_dir: str | Path, results: Optional[dict[str, Any]] = Non
 
     for stale in (f"{m}.png", "losses.png"):  # a plot this run cannot draw must not show an older run's
         (plots / stale).unlink(missing_ok=True)
-    eval_plot = plot_evaluation(history, plots / f"{m}.png", results.get(f"teacher_{m}"), title, milestones, ylabel)
+    eval_plot = plot_evaluation(history, plots / f"{m}.png", results.get(f"teacher_{m}"), title, milestones, ylabel,
+                                online=log.get(f"eval/online_{m}", []))
     losses_plot = plot_losses(log, plots / "losses.png")
     if synthetic_grid is not None:
         plots.mkdir(parents=True, exist_ok=True)

@@ -215,3 +215,13 @@ def test_two_process_run_writes_the_report_once(tmp_path):
     assert (proc.stdout + proc.stderr).count(f"wrote {out / 'report.md'}") == 1  # rank 0 only
     assert table_row(out / "report.md")[7:9] == ["10", "2"]
     assert set(links(out / "report.md")) == PLOTS
+
+
+def test_plot_draws_the_online_student_next_to_the_weight_average(tmp_path):
+    from accelerate_dfkd.report import plot_evaluation
+
+    history, online = [(10, 50.0), (20, 70.0)], [(10, 40.0), (20, 75.0)]
+    with_online = plot_evaluation(history, tmp_path / "a.png", online=online)
+    without = plot_evaluation(history, tmp_path / "b.png")
+    green = (44, 160, 44)  # matplotlib tab:green
+    assert green in colours(with_online) and green not in colours(without)
