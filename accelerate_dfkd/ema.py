@@ -35,6 +35,10 @@ class StudentEMA:
         self.decay = decay
         self.updates = 0
         self.module = copy.deepcopy(student).eval().requires_grad_(False)
+        # A bf16/fp16 student (DeepSpeed casts it) is averaged in float32: in half precision an update of
+        # (1 - decay) x the change would mostly round away.
+        if any(t.dtype in (torch.float16, torch.bfloat16) for t in self.module.state_dict().values()):
+            self.module.float()
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))

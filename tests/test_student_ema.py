@@ -97,3 +97,15 @@ def test_resume_with_another_decay_is_refused(tmp_path):
     cfg, method = small_configs(tmp_path, max_steps=4, student_ema_decay=0.99, resume_from_checkpoint="latest")
     with pytest.raises(ConfigError, match="resume with --student_ema_decay 0.9"):
         Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student()).train()
+
+
+def test_a_half_precision_student_is_averaged_in_float32():
+    model = nn.Linear(4, 4).to(torch.bfloat16)
+    ema = StudentEMA(model, decay=0.999)
+    assert all(v.dtype == torch.float32 for v in ema.module.state_dict().values())
+    ema.updates = 10_000  # past the warm-up: each update moves the average by 0.001 of the gap
+    before = ema.module.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.module.weight - before, (model.weight.float() - before) * 1e-3, atol=1e-6)
