@@ -23,6 +23,12 @@ class ConfigError(ValueError):
     """A recipe or command-line value is wrong; the message says what to change."""
 
 
+def check_ema_decay(decay: float) -> None:
+    if not 0.0 < decay < 1.0:
+        raise ConfigError(f"student_ema_decay must be in (0, 1), e.g. 0.999 (an average over about 1000 steps), "
+                          f"or none to turn it off; got {decay}")
+
+
 @dataclass
 class MethodConfig:
     """Fields every method has. Each method subclasses this with its own defaults and cites them."""
@@ -117,9 +123,8 @@ class DistillConfig:
         for name in ["eval_steps", "save_steps", "logging_steps", "image_grid_rounds"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 disables it), got {getattr(self, name)}")
-        if self.student_ema_decay is not None and not 0.0 < self.student_ema_decay < 1.0:
-            raise ConfigError(f"student_ema_decay must be in (0, 1), e.g. 0.999 (an average over about 1000 steps), "
-                              f"or none to turn it off; got {self.student_ema_decay}")
+        if self.student_ema_decay is not None:
+            check_ema_decay(self.student_ema_decay)
         if self.save_total_limit < 1:
             raise ConfigError(f"save_total_limit must be >= 1, got {self.save_total_limit}")
         if self.lr_scheduler == "multistep" and not self.lr_milestones:

@@ -22,16 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, check_ema_decay
 
 
 class StudentEMA:
     """`module` holds the averaged student; `update(student)` after every optimizer step."""
 
     def __init__(self, student: nn.Module, decay: float) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ConfigError(f"student_ema_decay must be in (0, 1), e.g. 0.999 (an average over about 1000 "
-                              f"steps), got {decay}")
+        check_ema_decay(decay)
         self.decay = decay
         self.updates = 0
         self.module = copy.deepcopy(student).eval().requires_grad_(False)

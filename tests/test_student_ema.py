@@ -109,3 +109,14 @@ def test_a_half_precision_student_is_averaged_in_float32():
         model.weight.add_(1.0)
     ema.update(model)
     assert torch.allclose(ema.module.weight - before, (model.weight.float() - before) * 1e-3, atol=1e-6)
+
+
+def test_turning_the_average_on_at_a_resume_starts_it_from_the_resumed_student(tmp_path):
+    cfg, method = small_configs(tmp_path, max_steps=2)
+    Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student()).train()
+    _reset_accelerate()
+    cfg, method = small_configs(tmp_path, max_steps=4, student_ema_decay=0.9, resume_from_checkpoint="latest")
+    distiller = Distiller(cfg, method, teacher=tiny_teacher(), student=tiny_student())
+    distiller.train()
+    assert distiller.ema.updates == 2  # steps 3 and 4 only
+    assert (tmp_path / "run" / "student_online.safetensors").is_file()
