@@ -233,6 +233,23 @@ def test_trainer_under_ddp_synthesizes_on_rank_0_for_both_ranks(tmp_path):
             assert torch.equal(value, rank1["student"][key]), key
 
 
+@pytest.mark.multiprocess
+def test_trainer_under_ddp_hands_every_ranks_slice_back_to_the_replay_buffer(tmp_path):
+    """SSD-KD under a 2-process Trainer: rank 0 draws both ranks' batches from its buffer, so the
+    priority feedback of rank 1's slice must reach rank 0's buffer too (gathered in rank order)."""
+    env = cli_env()
+    env["MASTER_PORT"] = "29732"
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29732",
+           str(REPO / "tests/scripts/trainer_ddp_probe.py"), str(tmp_path), "ssd_kd"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank1["batches_read"] == 0 and rank1["handed_back"] == []
+    assert len(rank0["trained_on"]) == len(rank1["trained_on"]) == len(rank0["handed_back"]) >= 6
+    for own, other, received in zip(rank0["trained_on"], rank1["trained_on"], rank0["handed_back"]):
+        assert torch.equal(received, torch.cat([own, other]))
+
+
 def test_ssd_kd_priorities_are_refreshed_from_the_loop_and_a_missing_call_warns():
     """SSD-KD re-scores the replay slots a batch came from with the student's KL on them (Eq. 4).
     Outside the Distiller, the loop hands the batch back: dataset.after_student_step(batch, logits)."""

@@ -154,6 +154,9 @@ class SyntheticDataset(IterableDataset):
         # Methods that learn from what the student just saw (SSD-KD's priorities) override the hook.
         self.needs_feedback = type(synthesizer).after_student_step is not Synthesizer.after_student_step
         self.feedback_calls = 0
+        # Set by SyntheticDataCallback under a multi-process Trainer: every rank's feedback is gathered
+        # to the rank(s) that read this dataset, since their buffer served every rank's slice.
+        self.feedback_world_size = 1
         self._warned_no_feedback = False
 
     # --- constructors ----------------------------------------------------------------------------
@@ -240,17 +243,25 @@ class SyntheticDataset(IterableDataset):
         """Hand a collated batch and the student's logits on it back to the method, as the Distiller
         does after every student step (SSD-KD re-scores the replay slots it drew, Eq. 4). Call it in
         your loss (a Trainer's `compute_loss`) with the batch the loss saw; a no-op for methods that
-        need nothing back. Under a multi-process Trainer only rank 0's own slice reaches the buffer
-        (rank 0 draws every rank's batch; the other slices keep their priorities until drawn again)."""
+        need nothing back. Under a multi-process Trainer, call it on every rank: it is a collective
+        there. Each rank trained on its slice of batches one reader drew, so the slices' logits are
+        gathered and the reader's buffer re-scores all of them."""
         self.feedback_calls += 1
         if not self.needs_feedback or "replay_indices" not in batch:
             return
-        device = self.synthesizer.context.device
-        weights = batch.get("weights")
-        synthetic = SyntheticBatch(images=batch["pixel_values"].detach(), indices=batch["replay_indices"],
-                                   weights=None if weights is None else weights.detach())
-        self.synthesizer.after_student_step(synthetic.to(device), student_logits.detach().float().to(device),
-                                            batch["teacher_logits"].detach().float().to(device))
+        parts = {"images": batch["pixel_values"].detach(), "indices": batch["replay_indices"],
+                 "student_logits": student_logits.detach().float(),
+                 "teacher_logits": batch["teacher_logits"].detach().float()}
+        if batch.get("weights") is not None:
+            parts["weights"] = batch["weights"].detach().float()
+        if self.feedback_world_size > 1:
+            # No more traffic than the dispatch itself, which sent these images out from rank 0.
+            parts = {key: _all_gather_cat(value) for key, value in parts.items()}
+            if self.batches_read == 0:  # this rank's copy is never read (Accelerate dispatches from rank 0)
+                return
+        parts = {key: value.to(self.synthesizer.context.device) for key, value in parts.items()}
+        synthetic = SyntheticBatch(images=parts["images"], indices=parts["indices"], weights=parts.get("weights"))
+        self.synthesizer.after_student_step(synthetic, parts["student_logits"], parts["teacher_logits"])
 
     def _warn_if_feedback_missing(self) -> None:
         # A few rounds without feedback: say so once, rather than letting priorities go stale silently.
@@ -289,6 +300,14 @@ class SyntheticDataset(IterableDataset):
         self.source.load_state_dict(state["source"])
         self.batches_read = state["batches_read"]
         self.synthesis_seconds = state.get("synthesis_seconds", 0.0)
+
+
+def _all_gather_cat(tensor: Tensor) -> Tensor:
+    """Every rank's `tensor` (same shape on each), concatenated in rank order along dim 0: the order
+    in which Accelerate slices a dispatched batch across ranks."""
+    gathered = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered)
 
 
 def _trainer_callback_base() -> type:
@@ -344,6 +363,7 @@ class SyntheticDataCallback(_trainer_callback_base()):
         # Under a multi-process Trainer, Accelerate dispatches batches of an IterableDataset from rank 0
         # by default: rank 0 draws world_size batches per micro-step (see the module docstring).
         ds.batches_per_step = args.gradient_accumulation_steps * max(1, args.world_size)
+        ds.feedback_world_size = max(1, args.world_size)
 
     def on_step_end(self, args: Any, state: Any, control: Any, lr_scheduler: Any = None, **kwargs: Any) -> None:
         if lr_scheduler is not None and args.learning_rate > 0:

@@ -1,6 +1,7 @@
 """Run under torchrun (2 processes) by tests/test_trainer_integration.py: a transformers Trainer
-(DDP over gloo) trains on a SyntheticDataset; each rank records what it synthesized and the student
-it ended with."""
+(DDP over gloo) trains on a SyntheticDataset of the method in argv[2] (default dfad); each rank
+records what it synthesized, the student it ended with, the replay slots it trained on and the
+slots its method was handed back (SSD-KD's priority feedback)."""
 
 import gc
 import sys
@@ -21,13 +22,34 @@ with torch.no_grad():
     teacher(torch.randn(64, 1, 8, 8))
 teacher.eval()
 student = build_model("digits_cnn_small", num_classes=10, in_channels=1)
-dataset = SyntheticDataset.from_method("dfad", teacher, student, image_shape=(1, 8, 8), num_classes=10, batch_size=16,
-                                       synthesize_every=2, nz=16, ngf=8, per_device_synthesis_batch_size=16)
+method = sys.argv[2] if len(sys.argv) > 2 else "dfad"
+method_kwargs = dict(nz=16, ngf=8, per_device_synthesis_batch_size=16)
+if method == "ssd_kd":
+    method_kwargs.update(image_mean=[0.3056], image_std=[0.3761], pool_capacity=64, generator_steps=1,
+                         warmup_rounds=0)
+dataset = SyntheticDataset.from_method(method, teacher, student, image_shape=(1, 8, 8), num_classes=10, batch_size=16,
+                                       synthesize_every=2, **method_kwargs)
+
+trained_on, handed_back = [], []  # replay slots: of this rank's batches; given to this rank's method
+method_feedback = dataset.synthesizer.after_student_step
+
+
+def recording_feedback(batch, student_logits, teacher_logits):
+    handed_back.append(batch.indices.cpu().clone())
+    assert len(batch.images) == len(batch.indices) == len(student_logits) == len(teacher_logits)
+    method_feedback(batch, student_logits, teacher_logits)
+
+
+dataset.synthesizer.after_student_step = recording_feedback
 
 
 class KDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return F.l1_loss(model(inputs["pixel_values"]), inputs["teacher_logits"])
+        logits = model(inputs["pixel_values"])
+        if "replay_indices" in inputs:
+            trained_on.append(inputs["replay_indices"].cpu().clone())
+        dataset.after_student_step(inputs, logits)
+        return F.l1_loss(logits, inputs["teacher_logits"])
 
 
 args = TrainingArguments(output_dir=str(out / "trainer"), max_steps=6, per_device_train_batch_size=16,
@@ -38,7 +60,7 @@ trainer = KDTrainer(model=student, args=args, train_dataset=dataset, callbacks=[
 trainer.train()
 rank = args.process_index
 torch.save({"world_size": args.world_size, "rounds": dataset.rounds, "batches_read": dataset.batches_read,
-            "batches_per_step": dataset.batches_per_step,
+            "batches_per_step": dataset.batches_per_step, "trained_on": trained_on, "handed_back": handed_back,
             "student": {k: v.clone() for k, v in student.state_dict().items()}}, out / f"rank{rank}.pt")
 
 # Leave together, and let the gloo group die now: the Trainer's DDP wrapper holds it, and one left
